@@ -208,9 +208,7 @@ class GitHubConfig(_Section):
             bool(self.app_private_key_env),
         ]
         if any(given) and not all(given):
-            raise ValueError(
-                "GitHub App auth needs app_id, app_installation_id and app_private_key_env together"
-            )
+            raise ValueError("GitHub App auth needs app_id, app_installation_id and app_private_key_env together")
         return self
 
     def token(self) -> str | None:
@@ -255,10 +253,7 @@ class ConnectionMatch(_Section):
             (self.clusters, cluster),
             (self.namespaces, namespace),
         )
-        return all(
-            globs is None or any(fnmatch.fnmatchcase(value, glob) for glob in globs)
-            for globs, value in checks
-        )
+        return all(globs is None or any(fnmatch.fnmatchcase(value, glob) for glob in globs) for globs, value in checks)
 
 
 class ConnectionConfig(_Section):

@@ -218,9 +218,7 @@ class Snapshot:
             uid=str(data["uid"]),
             last_seen=parse_time(data["last_seen"]),
             last_history_id=data.get("last_history_id"),
-            recent=tuple(
-                (tuple(revisions), str(fingerprint)) for revisions, fingerprint in data.get("recent", [])
-            ),
+            recent=tuple((tuple(revisions), str(fingerprint)) for revisions, fingerprint in data.get("recent", [])),
             images=dict(data.get("images", {})),
             commits=dict(data.get("commits", {})),
             last_failed_operation=data.get("last_failed_operation"),
