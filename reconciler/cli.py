@@ -1,0 +1,142 @@
+"""The ``dora-reconciler`` command: subcommands, exit codes, logging set-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from reconciler import __version__
+from reconciler.config import Config, ConfigError, load_config
+from reconciler.exitcodes import CONFIG as EXIT_CONFIG
+from reconciler.exitcodes import OK as EXIT_OK
+from reconciler.logs import Redactor, configure_logging
+
+log = logging.getLogger("reconciler")
+
+
+DESCRIPTION = """\
+Turn Argo CD deployments into Apache DevLake deployment records for DORA metrics.
+
+Each run lists every Argo CD Application, compares it with the snapshot stored from the last run,
+turns every difference into SUCCESS or FAILED deployments with their GitHub commits, posts them to
+DevLake and only then advances the snapshot: a missed run is caught up by the next one.
+"""
+
+EPILOG = """\
+exit codes:
+  0  done
+  1  some work failed (delivery, GitHub, a cluster, the state store) and will be retried next run
+  2  configuration or usage error (check: a dependency is unreachable)
+  3  another run holds the lock
+
+environment:
+  DORA__SECTION__KEY  overrides any config value, e.g. DORA__STATE__URL=redis://redis:6379/0
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dora-reconciler",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", required=True, metavar="FILE", help="the YAML config file of this environment")
+    common.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines on stderr")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def pass_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--dry-run", action="store_true", help="print each payload as a JSON line; send nothing")
+        command.add_argument(
+            "--cluster", action="append", default=[], metavar="NAME", help="only this cluster (repeatable)"
+        )
+        command.add_argument("--shard", metavar="I/N", help="only the Applications whose key hashes to shard I of N")
+
+    run = sub.add_parser("run", parents=[common], help="one reconciliation pass, then exit (CronJob, catch-up)")
+    pass_options(run)
+    backfill = sub.add_parser(
+        "backfill", parents=[common], help="emit every deployment still in the Applications' history (idempotent)"
+    )
+    pass_options(backfill)
+    backfill.add_argument("--since", metavar="DATE", help="only history entries deployed at or after DATE (ISO 8601)")
+    sub.add_parser("serve", parents=[common], help="run passes on the config's cron schedule; /metrics and /healthz")
+    sub.add_parser("check", parents=[common], help="validate the config and reach every dependency")
+    explain = sub.add_parser("explain", parents=[common], help="show how one Application is read and what comes next")
+    explain.add_argument("application", metavar="NAMESPACE/NAME")
+    explain.add_argument("--cluster", action="append", default=[], metavar="NAME", help="only look in this cluster")
+    status = sub.add_parser("status", parents=[common], help="the last runs and the dead-letter list")
+    status.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
+    stdout = stdout or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_CONFIG if exit_.code else EXIT_OK
+    redactor = configure_logging(log_format=args.log_format, level=args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    redactor.add(config.secret_values())
+    try:
+        return _dispatch(args, config, redactor, stdout)
+    except ValueError as error:
+        print(f"error: {redactor(str(error))}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _dispatch(args: argparse.Namespace, config: Config, redactor: Redactor, stdout: TextIO) -> int:
+    from reconciler import runtime  # imports the clients: kept out of --help and config errors
+
+    if args.command in ("run", "backfill"):
+        since = _parse_since(args.since) if args.command == "backfill" else None
+        return runtime.run_command(
+            config,
+            command=args.command,
+            dry_run=args.dry_run,
+            clusters=tuple(args.cluster),
+            shard=args.shard,
+            since=since,
+            stdout=stdout,
+        )
+    if args.command == "serve":
+        return runtime.serve_command(config)
+    if args.command == "check":
+        return runtime.check_command(config, stdout=stdout)
+    if args.command == "explain":
+        return runtime.explain_command(config, args.application, clusters=tuple(args.cluster), stdout=stdout)
+    if args.command == "status":
+        return runtime.status_command(config, as_json=args.json, stdout=stdout)
+    raise ValueError(f"unknown command {args.command!r}")
+
+
+def _parse_since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since expects an ISO 8601 date or time, got {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def print_json(data: object, stdout: TextIO) -> None:
+    print(json.dumps(data, indent=2, default=str), file=stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""What each command does, wired from a validated config: the clients, the store, the output.
+
+``cli.py`` parses arguments and sets up logging; everything a test wants to call lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+from reconciler.application import MalformedApplication
+from reconciler.argocd import ClusterLister, ClusterUnavailable
+from reconciler.config import Config
+from reconciler.exitcodes import CONFIG as EXIT_CONFIG
+from reconciler.exitcodes import LOCKED as EXIT_LOCKED
+from reconciler.exitcodes import OK as EXIT_OK
+from reconciler.exitcodes import RETRY as EXIT_RETRY
+from reconciler.devlake import DevLakeClient
+from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
+from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
+from reconciler.model import AppObservation, Snapshot, format_time
+from reconciler.planner import plan
+from reconciler.reconcile import (
+    Metrics,
+    Reconciler,
+    RunOptions,
+    RunSummary,
+    Shard,
+    iter_observations,
+    planner_policy,
+)
+from reconciler.store import LockHeld, Store, StoreUnavailable, open_store
+
+log = logging.getLogger("reconciler")
+
+
+@dataclass
+class Runtime:
+    """The long-lived clients of one process."""
+
+    config: Config
+    store: Store
+    github: GitHubClient
+    devlake: DevLakeClient
+
+    @classmethod
+    def open(cls, config: Config) -> Runtime:
+        store = open_store(config.state)
+        return cls(config, store, GitHubClient(config.github, store), DevLakeClient(config.devlake))
+
+    def reconciler(
+        self,
+        *,
+        dry_run_output: TextIO | None = None,
+        metrics: Metrics | None = None,
+        stop: threading.Event | None = None,
+        progress: Callable[[RunSummary], None] | None = None,
+    ) -> Reconciler:
+        return Reconciler(
+            self.config,
+            self.store,
+            self.github,
+            self.devlake,
+            metrics=metrics,
+            dry_run_output=dry_run_output,
+            stop=stop,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def log_summary(summary: RunSummary) -> None:
+    """The last line of a run on stderr: what was listed, decided, sent and spent."""
+    level = logging.INFO if summary.exit_code == 0 else logging.WARNING
+    log.log(level, "run finished", extra={"summary": summary.as_dict()})
+
+
+def run_command(
+    config: Config,
+    *,
+    command: str = "run",
+    dry_run: bool = False,
+    clusters: tuple[str, ...] = (),
+    shard: str | None = None,
+    since: datetime | None = None,
+    stdout: TextIO | None = None,
+    metrics: Metrics | None = None,
+    progress: Callable[[RunSummary], None] | None = None,
+) -> int:
+    options = RunOptions(
+        dry_run=dry_run,
+        clusters=clusters,
+        shard=Shard.parse(shard) if shard else None,
+        backfill=command == "backfill",
+        since=since,
+    )
+    try:
+        runtime = Runtime.open(config)
+        runtime.store.ping()
+    except StoreUnavailable as error:
+        log.error("state store unavailable; nothing was sent", extra={"reason": str(error)})
+        return EXIT_RETRY
+    try:
+        reconciler = runtime.reconciler(dry_run_output=stdout or sys.stdout, metrics=metrics, progress=progress)
+        try:
+            summary = reconciler.run(options, command=command)
+        except LockHeld as error:
+            log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
+            return EXIT_LOCKED
+        except StoreUnavailable as error:
+            log.error("state store unavailable; the run stopped", extra={"reason": str(error)})
+            return EXIT_RETRY
+        log_summary(summary)
+        return summary.exit_code
+    finally:
+        runtime.close()
+
+
+def serve_command(config: Config) -> int:
+    from reconciler.scheduler import serve
+
+    return serve(config)
+
+
+# -- check ---------------------------------------------------------------------------------------------
+
+
+def check_command(config: Config, *, stdout: TextIO) -> int:
+    """One line per dependency; exit 0 only when every one answered as expected."""
+    lines: list[tuple[bool, str]] = [
+        (
+            True,
+            f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
+        )
+    ]
+    for cluster in config.clusters:
+        lines.append(_check_cluster(config, cluster.name))
+    store: Store | None = None
+    try:
+        store = open_store(config.state)
+        store.ping()
+        lines.append((True, f"state store: ok ({_describe_state_url(config.state.url)})"))
+    except StoreUnavailable as error:
+        lines.append((False, f"state store: FAILED ({error})"))
+    lines.append(_check_github(config, store))
+    devlake = DevLakeClient(config.devlake)
+    for connection in config.devlake.connections:
+        ok, message = devlake.probe(connection)
+        lines.append((ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})"))
+    if store is not None:
+        store.close()
+    for _, line in lines:
+        print(line, file=stdout)
+    return EXIT_OK if all(ok for ok, _ in lines) else EXIT_CONFIG
+
+
+def _check_cluster(config: Config, name: str) -> tuple[bool, str]:
+    cluster = config.cluster(name)
+    try:
+        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}))
+        first = next(iter(lister.pages()), [])
+    except ClusterUnavailable as error:
+        return False, f"kubernetes {name}: FAILED ({error})"
+    return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
+
+
+def _check_github(config: Config, store: Store | None) -> tuple[bool, str]:
+    if store is None:
+        return False, "github: not checked (needs the state store for its cache)"
+    client = GitHubClient(config.github, store)
+    try:
+        remaining, limit, reset = client.rate_limit()
+    except RateLimited as error:
+        return False, f"github: FAILED (rate limited until {error.reset_at})"
+    except GitHubUnavailable as error:
+        return False, f"github: FAILED ({error})"
+    authenticated = "authenticated" if (config.github.token() or config.github.app_id) else "NOT authenticated"
+    return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})"
+
+
+def _describe_state_url(url: str | None) -> str:
+    if url is None:
+        return "embedded SQLite in ./.dora-reconciler/"
+    scheme, _, rest = url.partition("://")
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}://{host}"
+
+
+# -- explain -------------------------------------------------------------------------------------------
+
+
+def explain_command(config: Config, application: str, *, clusters: tuple[str, ...], stdout: TextIO) -> int:
+    namespace, sep, name = application.partition("/")
+    if not sep or not namespace or not name:
+        raise ValueError(f"expected NAMESPACE/NAME, got {application!r}")
+    store = open_store(config.state)
+    try:
+        found = False
+        for cluster in config.clusters:
+            if clusters and cluster.name not in clusters:
+                continue
+            scoped = cluster.model_copy(update={"namespaces": [namespace]})
+            try:
+                for item in iter_observations(ClusterLister(scoped), cluster.name):
+                    if isinstance(item, MalformedApplication):
+                        continue
+                    if item.key.namespace == namespace and item.key.name == name:
+                        found = True
+                        _explain_one(config, store, item, stdout)
+            except ClusterUnavailable as error:
+                print(f"cluster {cluster.name}: unavailable ({error})", file=stdout)
+        if not found:
+            print(f"{application}: not found in any selected cluster", file=stdout)
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _explain_one(config: Config, store: Store, observation: AppObservation, out: TextIO) -> None:
+    key = observation.key
+    p = lambda text="": print(text, file=out)  # noqa: E731
+    p(f"Application {key.qualified_name} in cluster {key.cluster} (uid {observation.uid})")
+    selected = config.applications.selects(key.qualified_name)
+    p(f"  selected by applications.include/exclude: {'yes' if selected else 'NO'}")
+    component = config.applications.component_of(key.name, observation.labels)
+    paths = [s.path for s in observation.sources if s.path]
+    p(f"  component: {component}; environment: {config.environment_for(key.cluster, key.qualified_name, paths)}")
+    p(f"  destination: {observation.destination}; sync: {observation.sync_status}; health: {observation.health_status}")
+    if observation.deleting:
+        p("  being deleted")
+    for source in observation.sources:
+        p(f"  source: {source.repo_url} path={source.path} chart={source.chart} target={source.target_revision}")
+    for entry in observation.history[-5:]:
+        p(f"  history {entry.id}: revisions={list(entry.revisions)} deployed {format_time(entry.deployed_at)}")
+    if observation.operation:
+        op = observation.operation
+        p(f"  operation: {op.phase} started {format_time(op.started_at)} revisions={list(op.revisions)}")
+    rule = CommitTagRule(config.images.commit_tag_pattern)
+    mapper = RepositoryMapper(config.images)
+    images = list(observation.operation.images or []) if observation.operation else []
+    for raw in dict.fromkeys([*images, *observation.summary_images]):
+        try:
+            image = parse_image(raw)
+        except InvalidImageReference as error:
+            p(f"  image {raw[:120]}: unparseable ({error})")
+            continue
+        if mapper.ignored(image):
+            p(f"  image {raw}: ignored by images.ignore")
+            continue
+        sha = rule.commit_of(image.tag) if image.tag else None
+        repo = mapper.repository_for(image)
+        p(f"  image {raw}: commit tag {sha or 'none'}; GitHub repository {repo or 'no rule matches'}")
+    snapshot = store.load_snapshots([key]).get(key)
+    p(f"  snapshot: {_describe_snapshot(snapshot)}")
+    policy = planner_policy(config, store.initialized_at(key.cluster), RunOptions())
+    next_plan = plan(observation, snapshot, datetime.now(UTC), policy)
+    if next_plan.deferred:
+        p("  next run: deferred (status not fresh yet)")
+    for deployment in next_plan.deployments:
+        p(
+            f"  next run emits {deployment.id}: {deployment.result.value} {deployment.deployment_class.value}, "
+            f"finished {format_time(deployment.finished_at)}, revisions {list(deployment.revisions)}"
+        )
+    if not next_plan.deployments and not next_plan.deferred:
+        p("  next run emits nothing")
+    for note in next_plan.notes:
+        p(f"  why: {note}")
+
+
+def _describe_snapshot(snapshot: Snapshot | None) -> str:
+    if snapshot is None:
+        return "none (never seen, or the store was wiped)"
+    return json.dumps(json.loads(snapshot.to_json()))
+
+
+# -- status --------------------------------------------------------------------------------------------
+
+
+def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
+    store = open_store(config.state)
+    try:
+        runs = store.run_summaries(20)
+        letters = store.dead_letters(100)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
+        return EXIT_OK
+    print(f"last {len(runs)} run(s), newest first:", file=stdout)
+    for run in runs:
+        print(
+            f"  {run.get('started_at')} {run.get('command')} exit {run.get('exit_code')}: "
+            f"{run.get('apps_listed')} apps, {run.get('deployments_success')} success, "
+            f"{run.get('deployments_failed')} failed, {run.get('sent')} sent, "
+            f"{run.get('dead_lettered')} dead-lettered, {run.get('seconds')} s",
+            file=stdout,
+        )
+    print(f"dead letters ({len(letters)}):", file=stdout)
+    for letter in letters:
+        print(
+            f"  {letter.get('time')} connection {letter.get('connection')} {letter.get('deployment_id')}: "
+            f"HTTP {letter.get('status')} {letter.get('message')}",
+            file=stdout,
+        )
+    return EXIT_OK
