@@ -1,0 +1,805 @@
+"""Durable state between ticks: Redis, or SQLite as the embedded default.
+
+Both backends implement :class:`Store` and pass the same contract suite (``tests/test_store.py``).
+Every failure to reach or use the backend surfaces as :class:`StoreUnavailable`, whose reason never
+carries a password from the state URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+from redis.typing import EncodableT
+
+from reconciler.config import StateConfig
+from reconciler.model import AppKey, Snapshot, parse_time
+
+log = logging.getLogger(__name__)
+
+VALUE_VERSION = 1
+DEAD_LETTER_CAP = 1000
+RUN_SUMMARY_CAP = 100
+DEFAULT_SQLITE_PATH = Path(".dora-reconciler") / "state.db"
+SOCKET_TIMEOUT_SECONDS = 5.0
+CONNECTION_RETRIES = 3
+
+
+class StoreUnavailable(Exception):
+    """The state backend could not be reached or refused the operation."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LockHeld(Exception):
+    """Another run holds the lock."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"lock {name!r} is held by another run")
+        self.name = name
+
+
+class Store(Protocol):
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+    def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]: ...
+    def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None: ...
+    def delete_snapshots(self, keys: Sequence[AppKey]) -> None: ...
+    def snapshot_keys(self, cluster: str) -> list[AppKey]: ...
+
+    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None: ...
+    def existing_markers(self, markers: Sequence[str]) -> set[str]: ...
+
+    def initialized_at(self, cluster: str) -> datetime | None: ...
+    def set_initialized_at(self, cluster: str, when: datetime) -> None: ...
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]: ...
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None: ...
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
+    def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
+    def release_lock(self, name: str, owner: str) -> None: ...
+
+    def add_dead_letter(self, entry: Mapping[str, Any]) -> None: ...
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
+    def add_run_summary(self, summary: Mapping[str, Any]) -> None: ...
+    def run_summaries(self, limit: int = 20) -> list[dict[str, Any]]: ...
+
+
+def open_store(state: StateConfig) -> Store:
+    """The backend named by ``state.url``: Redis for ``redis://``, ``rediss://``, ``unix://``, else SQLite.
+
+    ``None`` is ``./.dora-reconciler/state.db``; ``sqlite:///relative.db`` is relative to the working
+    directory and ``sqlite:////abs/path.db`` is absolute.
+    """
+    url = state.url
+    if url is None:
+        return SQLiteStore(DEFAULT_SQLITE_PATH, state.key_prefix)
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///").split("?", 1)[0]
+        if not path:
+            raise StoreUnavailable("the sqlite:/// state URL has no file path")
+        return SQLiteStore(path, state.key_prefix)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url, state.key_prefix)
+    raise StoreUnavailable(f"unsupported state URL scheme {url.split(':', 1)[0]!r}")
+
+
+# -- helpers shared by both backends -------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def _encode(data: Mapping[str, Any]) -> str:
+    """A versioned JSON envelope for values the store owns (dead letters, run summaries)."""
+    return json.dumps({"version": VALUE_VERSION, "data": dict(data)}, separators=(",", ":"), default=_json_default)
+
+
+def _decode(text: str | bytes, what: str) -> dict[str, Any] | None:
+    try:
+        envelope = json.loads(text)
+    except ValueError:
+        log.warning("unreadable %s in the state store; ignored", what, extra={"reason": "invalid JSON"})
+        return None
+    if not isinstance(envelope, dict) or envelope.get("version") != VALUE_VERSION:
+        log.warning("unsupported %s version in the state store; ignored", what, extra={"reason": "version"})
+        return None
+    data = envelope.get("data")
+    return data if isinstance(data, dict) else None
+
+
+def _format_instant(when: datetime) -> str:
+    """Full-precision ISO 8601 UTC (``format_time`` drops sub-seconds, which an instant must keep)."""
+    if when.tzinfo is None:
+        raise ValueError("naive datetime")
+    return when.astimezone(UTC).isoformat()
+
+
+def _marker_value() -> str:
+    return json.dumps({"version": VALUE_VERSION, "at": _format_instant(datetime.now(UTC))}, separators=(",", ":"))
+
+
+def _parse_snapshot(text: str | bytes, key: AppKey) -> Snapshot | None:
+    """A corrupt or newer-version snapshot is treated as absent rather than failing the whole tick."""
+    try:
+        return Snapshot.from_json(text)
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning(
+            "ignoring unreadable snapshot", extra={"app": str(key), "cluster": key.cluster, "reason": str(error)}
+        )
+        return None
+
+
+def _check_ttl(ttl_seconds: int) -> None:
+    if ttl_seconds < 1:
+        raise ValueError("a lock ttl must be at least one second")
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+_RENEW_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def _redact_url(url: str) -> tuple[str, list[str]]:
+    """The URL with any password replaced by ``***``, and the secret strings to scrub from messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable state URL>", []
+    secrets: list[str] = []
+    netloc = parts.netloc
+    if parts.password:
+        secrets += [parts.password, unquote(parts.password)]
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    for value in parse_qs(query).get("password", []):
+        secrets.append(value)
+    if secrets:
+        query = "&".join(
+            "password=***" if pair.split("=", 1)[0] == "password" else pair for pair in query.split("&") if pair
+        )
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return redacted, sorted({s for s in secrets if s}, key=len, reverse=True)
+
+
+class RedisStore:
+    """State in Redis. Snapshots live in one hash per cluster (``{prefix}:snap:{cluster}``, field
+    ``namespace/name``) so a page of loads is one ``HMGET`` and listing a cluster is one ``HKEYS``."""
+
+    def __init__(self, url: str, key_prefix: str, *, retries: int = CONNECTION_RETRIES) -> None:
+        self.key_prefix = key_prefix
+        self._safe_url, self._secrets = _redact_url(url)
+        try:
+            self.client: redis.Redis = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+                socket_keepalive=True,
+                health_check_interval=30,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries),
+                client_name="dora-reconciler",
+            )
+        except ValueError as error:
+            raise StoreUnavailable(f"invalid Redis URL {self._safe_url}: {self._scrub(str(error))}") from None
+        self._renew = self.client.register_script(_RENEW_SCRIPT)
+        self._release = self.client.register_script(_RELEASE_SCRIPT)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._safe_url!r}, key_prefix={self.key_prefix!r})"
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            reason = f"Redis at {self._safe_url} unreachable ({action}): {self._scrub(str(error))}"
+            raise StoreUnavailable(reason) from None
+        except redis.RedisError as error:
+            reason = f"Redis at {self._safe_url} failed ({action}): {self._scrub(str(error))}"
+            raise StoreUnavailable(reason) from None
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.key_prefix, *parts))
+
+    def _snap_key(self, cluster: str) -> str:
+        return self._key("snap", cluster)
+
+    def _mark_key(self, marker: str) -> str:
+        return self._key("mark", marker)
+
+    def _lock_key(self, name: str) -> str:
+        return self._key("lock", name)
+
+    @staticmethod
+    def _lock_value(owner: str) -> str:
+        return json.dumps({"version": VALUE_VERSION, "owner": owner}, separators=(",", ":"))
+
+    def ping(self) -> None:
+        with self._guard("ping"):
+            self.client.ping()
+
+    def close(self) -> None:
+        with suppress(redis.RedisError):
+            self.client.close()
+
+    # snapshots
+
+    def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]:
+        by_cluster: dict[str, list[AppKey]] = defaultdict(list)
+        for key in dict.fromkeys(keys):
+            by_cluster[key.cluster].append(key)
+        if not by_cluster:
+            return {}
+        groups = list(by_cluster.items())
+        with self._guard("load snapshots"), self.client.pipeline(transaction=False) as pipe:
+            for cluster, members in groups:
+                pipe.hmget(self._snap_key(cluster), [key.qualified_name for key in members])
+            replies: list[list[str | None]] = pipe.execute()
+        found: dict[AppKey, Snapshot] = {}
+        for (_, members), values in zip(groups, replies, strict=True):
+            for key, text in zip(members, values, strict=True):
+                if text is not None and (snapshot := _parse_snapshot(text, key)) is not None:
+                    found[key] = snapshot
+        return found
+
+    def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None:
+        if not snapshots:
+            return
+        by_cluster: dict[str, dict[EncodableT, EncodableT]] = defaultdict(dict)
+        for key, snapshot in snapshots.items():
+            by_cluster[key.cluster][key.qualified_name] = snapshot.to_json()
+        with self._guard("save snapshots"), self.client.pipeline(transaction=True) as pipe:
+            for cluster, fields in by_cluster.items():
+                pipe.hset(self._snap_key(cluster), mapping=fields)
+            pipe.execute()
+
+    def delete_snapshots(self, keys: Sequence[AppKey]) -> None:
+        if not keys:
+            return
+        by_cluster: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            by_cluster[key.cluster].append(key.qualified_name)
+        with self._guard("delete snapshots"), self.client.pipeline(transaction=True) as pipe:
+            for cluster, fields in by_cluster.items():
+                pipe.hdel(self._snap_key(cluster), *fields)
+            pipe.execute()
+
+    def snapshot_keys(self, cluster: str) -> list[AppKey]:
+        with self._guard("list snapshots"):
+            fields = self.client.hkeys(self._snap_key(cluster))
+        keys = []
+        for field in fields:
+            namespace, _, name = str(field).partition("/")
+            keys.append(AppKey(cluster, namespace, name))
+        return sorted(keys)
+
+    # delivery
+
+    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+        value = _marker_value()
+        with self._guard("record delivery"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._snap_key(key.cluster), key.qualified_name, snapshot.to_json())
+            for marker in markers:
+                pipe.set(self._mark_key(marker), value)
+            pipe.execute()
+
+    def existing_markers(self, markers: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(markers))
+        if not unique:
+            return set()
+        with self._guard("read markers"):
+            values = self.client.mget([self._mark_key(marker) for marker in unique])
+        return {marker for marker, value in zip(unique, values, strict=True) if value is not None}
+
+    # clusters
+
+    def initialized_at(self, cluster: str) -> datetime | None:
+        with self._guard("read cluster state"):
+            text = self.client.get(self._key("cluster", cluster))
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            return parse_time(data["initialized_at"]) if data.get("version") == VALUE_VERSION else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("unreadable cluster state ignored", extra={"cluster": cluster, "reason": "invalid JSON"})
+            return None
+
+    def set_initialized_at(self, cluster: str, when: datetime) -> None:
+        value = json.dumps({"version": VALUE_VERSION, "initialized_at": _format_instant(when)}, separators=(",", ":"))
+        with self._guard("write cluster state"):
+            self.client.set(self._key("cluster", cluster), value)
+
+    # caches
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        with self._guard("read cache"):
+            values = self.client.mget([self._key("cache", kind, key) for key in unique])
+        return {key: str(value) for key, value in zip(unique, values, strict=True) if value is not None}
+
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
+        if not items:
+            return
+        with self._guard("write cache"), self.client.pipeline(transaction=False) as pipe:
+            for key, value in items.items():
+                pipe.set(self._key("cache", kind, key), value)
+            pipe.execute()
+
+    # lock
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        with self._guard("acquire lock"):
+            return bool(self.client.set(self._lock_key(name), self._lock_value(owner), nx=True, ex=ttl_seconds))
+
+    def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        with self._guard("renew lock"):
+            renewed = self._renew(keys=[self._lock_key(name)], args=[self._lock_value(owner), ttl_seconds * 1000])
+        return bool(renewed)
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._guard("release lock"):
+            self._release(keys=[self._lock_key(name)], args=[self._lock_value(owner)])
+
+    # dead letters and run summaries
+
+    def _push(self, list_name: str, cap: int, data: Mapping[str, Any]) -> None:
+        key = self._key(list_name)
+        with self._guard(f"write {list_name}"), self.client.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, _encode(data))
+            pipe.ltrim(key, 0, cap - 1)
+            pipe.execute()
+
+    def _range(self, list_name: str, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        with self._guard(f"read {list_name}"):
+            values = self.client.lrange(self._key(list_name), 0, limit - 1)
+        return [data for value in values if (data := _decode(value, list_name)) is not None]
+
+    def add_dead_letter(self, entry: Mapping[str, Any]) -> None:
+        self._push("dead-letters", DEAD_LETTER_CAP, entry)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._range("dead-letters", limit)
+
+    def add_run_summary(self, summary: Mapping[str, Any]) -> None:
+        self._push("runs", RUN_SUMMARY_CAP, summary)
+
+    def run_summaries(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._range("runs", limit)
+
+
+# -- SQLite --------------------------------------------------------------------------------------
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    prefix TEXT NOT NULL, cluster TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, json TEXT NOT NULL,
+    PRIMARY KEY (prefix, cluster, namespace, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS markers (
+    prefix TEXT NOT NULL, marker TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (prefix, marker)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (
+    prefix TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (prefix, kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    prefix TEXT NOT NULL, cluster TEXT NOT NULL, initialized_at TEXT NOT NULL,
+    PRIMARY KEY (prefix, cluster)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS locks (
+    prefix TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (prefix, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_prefix ON dead_letters (prefix, id);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_prefix ON runs (prefix, id);
+"""
+_CHUNK = 300
+"""Rows per ``IN (VALUES …)`` query: 3 parameters each stays under SQLite's 999-variable floor."""
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SQLiteStore:
+    """State in one SQLite file (WAL). One connection guarded by a lock, so worker threads may share it.
+
+    ``key_prefix`` partitions every table, so two configurations can share a file without seeing each other.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key_prefix: str) -> None:
+        self.path = Path(path)
+        self.key_prefix = key_prefix
+        self._lock = threading.RLock()
+        try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreUnavailable(f"cannot open SQLite state {self.path}: {error}") from None
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            with self._write() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > _SCHEMA_VERSION:
+                    raise StoreUnavailable(f"SQLite state {self.path} has schema version {version}, newer than this")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except sqlite3.Error as error:
+            self._conn.close()
+            raise StoreUnavailable(f"cannot initialise SQLite state {self.path}: {error}") from None
+        except StoreUnavailable:
+            self._conn.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r}, key_prefix={self.key_prefix!r})"
+
+    def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
+        return StoreUnavailable(f"SQLite state {self.path}: {error}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed if the block ends normally, else rolled back."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise self._unavailable(error) from None
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as error:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error):
+                    raise self._unavailable(error) from None
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as error:
+                raise self._unavailable(error) from None
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock, suppress(sqlite3.Error):
+            self._conn.close()
+
+    # snapshots
+
+    def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]:
+        unique = list(dict.fromkeys(keys))
+        found: dict[AppKey, Snapshot] = {}
+        with self._read() as conn:
+            for chunk in _chunks(unique):
+                values = ",".join("(?,?,?)" for _ in chunk)
+                params: list[str] = [self.key_prefix]
+                for key in chunk:
+                    params += [key.cluster, key.namespace, key.name]
+                rows = conn.execute(
+                    "SELECT cluster, namespace, name, json FROM snapshots"
+                    f" WHERE prefix = ? AND (cluster, namespace, name) IN (VALUES {values})",
+                    params,
+                ).fetchall()
+                for cluster, namespace, name, text in rows:
+                    key = AppKey(cluster, namespace, name)
+                    if (snapshot := _parse_snapshot(text, key)) is not None:
+                        found[key] = snapshot
+        return found
+
+    def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None:
+        if not snapshots:
+            return
+        rows = [(self.key_prefix, k.cluster, k.namespace, k.name, s.to_json()) for k, s in snapshots.items()]
+        with self._write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)", rows)
+
+    def delete_snapshots(self, keys: Sequence[AppKey]) -> None:
+        if not keys:
+            return
+        rows = [(self.key_prefix, k.cluster, k.namespace, k.name) for k in keys]
+        with self._write() as conn:
+            conn.executemany(
+                "DELETE FROM snapshots WHERE prefix = ? AND cluster = ? AND namespace = ? AND name = ?", rows
+            )
+
+    def snapshot_keys(self, cluster: str) -> list[AppKey]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT namespace, name FROM snapshots WHERE prefix = ? AND cluster = ? ORDER BY namespace, name",
+                (self.key_prefix, cluster),
+            ).fetchall()
+        return [AppKey(cluster, namespace, name) for namespace, name in rows]
+
+    # delivery
+
+    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+        created = _format_instant(datetime.now(UTC))
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                (self.key_prefix, key.cluster, key.namespace, key.name, snapshot.to_json()),
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO markers VALUES (?, ?, ?)",
+                [(self.key_prefix, marker, created) for marker in markers],
+            )
+
+    def existing_markers(self, markers: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(markers))
+        found: set[str] = set()
+        with self._read() as conn:
+            for chunk in _chunks(unique, 900):
+                marks = ",".join("?" for _ in chunk)
+                rows = conn.execute(
+                    f"SELECT marker FROM markers WHERE prefix = ? AND marker IN ({marks})", [self.key_prefix, *chunk]
+                ).fetchall()
+                found.update(row[0] for row in rows)
+        return found
+
+    # clusters
+
+    def initialized_at(self, cluster: str) -> datetime | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT initialized_at FROM meta WHERE prefix = ? AND cluster = ?", (self.key_prefix, cluster)
+            ).fetchone()
+        if row is None:
+            return None
+        try:
+            return parse_time(row[0])
+        except ValueError:
+            log.warning("unreadable cluster state ignored", extra={"cluster": cluster, "reason": "invalid time"})
+            return None
+
+    def set_initialized_at(self, cluster: str, when: datetime) -> None:
+        value = _format_instant(when)
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (self.key_prefix, cluster, value))
+
+    # caches
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, str] = {}
+        with self._read() as conn:
+            for chunk in _chunks(unique, 900):
+                marks = ",".join("?" for _ in chunk)
+                rows = conn.execute(
+                    f"SELECT key, value FROM cache WHERE prefix = ? AND kind = ? AND key IN ({marks})",
+                    [self.key_prefix, kind, *chunk],
+                ).fetchall()
+                found.update((key, value) for key, value in rows)
+        return found
+
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
+        if not items:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?)",
+                [(self.key_prefix, kind, key, value) for key, value in items.items()],
+            )
+
+    # lock
+
+    def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO locks VALUES (?, ?, ?, ?) ON CONFLICT (prefix, name) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE locks.expires_at <= ?",
+                (self.key_prefix, name, owner, now + ttl_seconds, now),
+            )
+            return cursor.rowcount == 1
+
+    def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE locks SET expires_at = ? WHERE prefix = ? AND name = ? AND owner = ? AND expires_at > ?",
+                (now + ttl_seconds, self.key_prefix, name, owner, now),
+            )
+            return cursor.rowcount == 1
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM locks WHERE prefix = ? AND name = ? AND owner = ?", (self.key_prefix, name, owner)
+            )
+
+    # dead letters and run summaries
+
+    def _push(self, table: str, cap: int, data: Mapping[str, Any]) -> None:
+        with self._write() as conn:
+            conn.execute(f"INSERT INTO {table} (prefix, json) VALUES (?, ?)", (self.key_prefix, _encode(data)))
+            conn.execute(
+                f"DELETE FROM {table} WHERE prefix = ? AND id <= "
+                f"(SELECT id FROM {table} WHERE prefix = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.key_prefix, self.key_prefix, cap),
+            )
+
+    def _range(self, table: str, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT json FROM {table} WHERE prefix = ? ORDER BY id DESC LIMIT ?", (self.key_prefix, limit)
+            ).fetchall()
+        return [data for (text,) in rows if (data := _decode(text, table)) is not None]
+
+    def add_dead_letter(self, entry: Mapping[str, Any]) -> None:
+        self._push("dead_letters", DEAD_LETTER_CAP, entry)
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._range("dead_letters", limit)
+
+    def add_run_summary(self, summary: Mapping[str, Any]) -> None:
+        self._push("runs", RUN_SUMMARY_CAP, summary)
+
+    def run_summaries(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._range("runs", limit)
+
+
+# -- run lock ------------------------------------------------------------------------------------
+
+
+def default_owner() -> str:
+    """``host:pid:random``: tells operators which run holds a lock and never collides between runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class RunLock:
+    """Hold a store lock for the duration of a ``with`` block, renewing it from a daemon thread.
+
+    Raises :class:`LockHeld` on entry if another owner holds it. If a renewal finds the lock gone or
+    taken, :attr:`lost` becomes true and renewing stops: the run should wind down. On exit the lock is
+    released (the store only deletes it if this owner still holds it).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        owner: str | None = None,
+        ttl_seconds: int = 60,
+        renew_every: float = 20,
+    ) -> None:
+        _check_ttl(ttl_seconds)
+        if not 0 < renew_every < ttl_seconds:
+            raise ValueError("renew_every must be positive and shorter than ttl_seconds")
+        self.store = store
+        self.name = name
+        self.owner = owner or default_owner()
+        self.ttl_seconds = ttl_seconds
+        self.renew_every = renew_every
+        self.renewals = 0
+        self.renewed = threading.Event()
+        """Set after every successful renewal (tests and callers may clear and wait on it)."""
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        """Block until the lock is found lost or ``timeout`` passes; true if lost."""
+        return self._lost.wait(timeout)
+
+    def __enter__(self) -> RunLock:
+        if not self.store.acquire_lock(self.name, self.owner, self.ttl_seconds):
+            raise LockHeld(self.name)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lock-renew-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=SOCKET_TIMEOUT_SECONDS * 2)
+            self._thread = None
+        try:
+            self.store.release_lock(self.name, self.owner)
+        except StoreUnavailable as error:
+            log.warning("could not release the run lock; it will expire", extra={"reason": error.reason})
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                still_ours = self.store.renew_lock(self.name, self.owner, self.ttl_seconds)
+            except StoreUnavailable as error:
+                log.warning("could not renew the run lock; will retry", extra={"reason": error.reason})
+                continue
+            except Exception:
+                log.exception("unexpected error renewing the run lock; will retry")
+                continue
+            if not still_ours:
+                if not self._stop.is_set():
+                    log.error(
+                        "run lock lost: another run holds it or it expired",
+                        extra={"reason": f"lock {self.name!r} lost"},
+                    )
+                    self._lost.set()
+                return
+            self.renewals += 1
+            self.renewed.set()
