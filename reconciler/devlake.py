@@ -1,0 +1,415 @@
+"""DevLake webhook deployments: the POST body, routing to connections, and delivery with retries.
+
+The body follows ``reference/devlake.md`` §1 and the sender profile of §6: full lowercase SHAs, one canonical
+``repoUrl`` per repository, UTC ``Z`` dates, an explicit ``environment``, and ``result`` on the deployment *and*
+on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the top level says).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import TracebackType
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.stop import stop_base
+
+from reconciler.config import Config, ConnectionConfig, DevLakeConfig
+from reconciler.model import AppKey, Commit, Deployment, EnrichedDeployment, Result, format_time
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 6
+CONNECT_TIMEOUT = 5.0
+BACKOFF_MAX = 30.0
+BACKOFF_JITTER = 1.0
+MAX_RETRY_AFTER = 300.0
+RETRYABLE_STATUSES = frozenset({408, 425, 428, 429})
+"""Besides every 5xx. 428 is DevLake waiting for a database migration to be confirmed: it clears on its own."""
+
+MAX_NAME_LENGTH = 255
+MAX_COMMIT_MESSAGE_LENGTH = 255
+MAX_DELIVERY_MESSAGE_LENGTH = 2000
+TITLE_SHAS = 5
+
+_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+_HEX_RUN = re.compile(r"[0-9a-f]{7,40}")
+
+
+class PayloadError(ValueError):
+    """No DevLake body can be built for this deployment (e.g. no commit with a full SHA); the caller skips it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- the payload -----------------------------------------------------------------------------------
+
+
+def build_payload(
+    enriched: EnrichedDeployment,
+    *,
+    config: Config,
+    component: str,
+    destination: str,
+    source_paths: list[str],
+) -> dict[str, Any]:
+    """The webhook body for one deployment (DESIGN §5). Raises ``PayloadError`` when there is no commit to send."""
+    deployment = enriched.deployment
+    key = deployment.key
+    head_mode = config.devlake.commits == "head"
+    heads = _deliverable(enriched.heads, deployment, quiet=not head_mode)
+    commits = heads if head_mode else _deliverable(enriched.history, deployment)
+    if not commits:
+        raise PayloadError(f"deployment {deployment.id} has no commit with a full 40-hex SHA")
+    try:
+        environment = config.environment_for(key.cluster, key.qualified_name, source_paths)
+    except KeyError:
+        raise PayloadError(f"cluster {key.cluster!r} is not in the configuration") from None
+
+    result = deployment.result.devlake
+    where = f"{key.cluster}/{destination}" if destination else key.cluster
+    label = "rollback" if enriched.rollback else deployment.deployment_class.value
+    failed = " (FAILED)" if deployment.result is Result.FAILED else ""
+    dated = [commit.date for commit in (enriched.history or enriched.heads) if commit.date is not None]
+    created = min(dated) if dated else deployment.started_at
+    finished = format_time(deployment.finished_at)
+
+    items: list[dict[str, Any]] = []
+    for commit in commits:
+        committed = format_time(commit.date or deployment.started_at)
+        short = f"{commit.repo}@{commit.sha[:7]}"
+        items.append(
+            {
+                "repoUrl": commit.repo_url,
+                "refName": _ref_name(commit.sha, deployment),
+                "commitSha": commit.sha,
+                "commitMsg": _bounded(_first_line(commit.message), MAX_COMMIT_MESSAGE_LENGTH),
+                "createdDate": committed,
+                "startedDate": committed,
+                "finishedDate": finished,
+                "result": result,
+                "displayTitle": _bounded(f"{component} → {where}: {label} {short}{failed}", MAX_NAME_LENGTH),
+                "name": _bounded(f"{short} → {where}", MAX_NAME_LENGTH),
+            }
+        )
+    return {
+        "id": deployment.id,
+        "displayTitle": _bounded(
+            f"{component} → {where}: {label} {_short_shas(heads or commits)}{failed}", MAX_NAME_LENGTH
+        ),
+        "name": _bounded(f"{key} {deployment.ref}", MAX_NAME_LENGTH),
+        "environment": environment.value,
+        "result": result,
+        "createdDate": format_time(created),
+        "startedDate": format_time(deployment.started_at),
+        "finishedDate": finished,
+        "deploymentCommits": items,
+    }
+
+
+def commit_set_fingerprint(enriched: EnrichedDeployment, *, environment: str) -> str:
+    """A stable hash of the deployed head commits, the environment and the result, for component-level dedupe.
+
+    The environment is part of it so that a staging deployment of a commit set never hides the production one;
+    the result so that a success after a failure of the same commits still goes out.
+    """
+    pairs = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    material = json.dumps(
+        {"commits": pairs, "environment": str(environment), "result": enriched.deployment.result.devlake},
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def _deliverable(commits: Iterable[Commit], deployment: Deployment, *, quiet: bool = False) -> list[Commit]:
+    """Full-SHA commits, lowercased, at most one per (repoUrl, SHA): DevLake needs 40 hex for lead time."""
+    seen: set[tuple[str, str]] = set()
+    kept: list[Commit] = []
+    for commit in commits:
+        sha = commit.sha.lower()
+        if not _FULL_SHA.match(sha):
+            if not quiet:
+                log.warning(
+                    "commit without a full SHA left out of the DevLake payload",
+                    extra={"deployment_id": deployment.id, "reason": f"{commit.repo}@{commit.sha}"},
+                )
+            continue
+        if (commit.repo_url, sha) in seen:
+            continue
+        seen.add((commit.repo_url, sha))
+        kept.append(commit if sha == commit.sha else replace(commit, sha=sha))
+    return kept
+
+
+def _ref_name(sha: str, deployment: Deployment) -> str:
+    """The GitOps source's target revision, or the image tag that named this commit; empty when neither."""
+    for index, revision in enumerate(deployment.revisions):
+        if revision.lower() == sha and index < len(deployment.sources):
+            return deployment.sources[index].target_revision or ""
+    for image in deployment.images:
+        tag = _tag_of(image)
+        if tag and any(sha.startswith(run) for run in _HEX_RUN.findall(tag.lower())):
+            return tag
+    return ""
+
+
+def _tag_of(image: str) -> str | None:
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else None
+
+
+def _short_shas(commits: list[Commit]) -> str:
+    shown = ", ".join(commit.sha[:7] for commit in commits[:TITLE_SHAS])
+    hidden = len(commits) - TITLE_SHAS
+    return f"{shown} +{hidden} more" if hidden > 0 else shown
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+
+class Router:
+    """Which DevLake connections receive an Application's deployments."""
+
+    def __init__(self, devlake: DevLakeConfig) -> None:
+        self._connections = tuple(devlake.connections)
+
+    def connections_for(self, key: AppKey, component: str) -> list[ConnectionConfig]:
+        """Connections without ``match`` get everything; the others when every match key given matches."""
+        return [
+            connection
+            for connection in self._connections
+            if connection.match is None
+            or connection.match.matches(
+                component=component,
+                application=key.qualified_name,
+                cluster=key.cluster,
+                namespace=key.namespace,
+            )
+        ]
+
+
+# -- delivery --------------------------------------------------------------------------------------
+
+
+class DeliveryOutcome(StrEnum):
+    DELIVERED = "DELIVERED"
+    RETRY_LATER = "RETRY_LATER"
+    """Not delivered this time, nothing lost: keep the snapshot where it is and send again next tick."""
+    REJECTED = "REJECTED"
+    """DevLake refused the body or the key (4xx): sending it again will not help."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    outcome: DeliveryOutcome
+    status: int | None
+    """The last HTTP status, ``None`` when no response came back."""
+    message: str
+    attempts: int
+
+
+class _Retryable(Exception):
+    def __init__(self, status: int | None, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class _StopAtDeadline(stop_base):
+    """Stop rather than start a sleep that would end past the deadline."""
+
+    def __init__(self, deadline: float, clock: Callable[[], float]) -> None:
+        self.deadline = deadline
+        self.clock = clock
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.clock() + retry_state.upcoming_sleep > self.deadline
+
+
+class DevLakeClient:
+    """POSTs deployments to DevLake's webhook, one shared ``requests.Session``.
+
+    Connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter (honouring
+    ``Retry-After``) until ``MAX_ATTEMPTS`` or until the next sleep would pass the caller's deadline. Re-POSTing is
+    safe because DevLake upserts by ``id``. ``sleep`` and ``clock`` are injectable so tests never sleep.
+    """
+
+    def __init__(
+        self,
+        devlake: DevLakeConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._devlake = devlake
+        self._sleep = sleep
+        self._clock = clock
+        self._owns_session = session is None
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_maxsize=devlake.max_concurrency)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self._session = session
+        self._timeout = (CONNECT_TIMEOUT, devlake.timeout.total_seconds())
+        self._backoff = wait_exponential_jitter(multiplier=1, max=BACKOFF_MAX, jitter=BACKOFF_JITTER)
+
+    def __repr__(self) -> str:
+        return f"DevLakeClient(url={self._devlake.url!r})"
+
+    def __enter__(self) -> DevLakeClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def url_for(self, connection: ConnectionConfig) -> str:
+        return f"{self._devlake.url}/api/rest/plugins/webhook/connections/{connection.id}/deployments"
+
+    def deliver(self, connection: ConnectionConfig, payload: Mapping[str, Any], deadline: float) -> Delivery:
+        """POST one payload to one connection. ``deadline`` is a ``time.monotonic()`` value; one attempt is
+        always made, retries only while their wait ends before it."""
+        deployment_id = payload.get("id")
+        key = connection.api_key()
+        if key is None:
+            message = f"api key env var {connection.api_key_env} is not set"
+            log.error(message, extra={"connection": connection.id, "deployment_id": deployment_id})
+            return Delivery(DeliveryOutcome.RETRY_LATER, None, message, 0)
+
+        url = self.url_for(connection)
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        attempts = 0
+
+        def post() -> requests.Response:
+            nonlocal attempts
+            attempts += 1
+            try:
+                response = self._session.post(
+                    url, json=payload, headers=headers, timeout=self._timeout, verify=self._devlake.verify_tls
+                )
+            except requests.Timeout as error:
+                raise _Retryable(None, _redact(f"timed out: {error}", key)) from None
+            except requests.ConnectionError as error:
+                raise _Retryable(None, _redact(f"connection failed: {error}", key)) from None
+            status = response.status_code
+            if status in RETRYABLE_STATUSES or status >= 500:
+                raise _Retryable(status, _response_message(response, key), _retry_after(response))
+            return response
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            log.warning(
+                "DevLake delivery failed; retrying",
+                extra={
+                    "connection": connection.id,
+                    "deployment_id": deployment_id,
+                    "status": getattr(error, "status", None),
+                    "reason": str(error),
+                    "attempt": state.attempt_number,
+                    "wait": round(state.upcoming_sleep, 3),
+                },
+            )
+
+        retrying = Retrying(
+            sleep=self._sleep,
+            retry=retry_if_exception_type(_Retryable),
+            wait=self._wait,
+            stop=stop_after_attempt(MAX_ATTEMPTS) | _StopAtDeadline(deadline, self._clock),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            response = retrying(post)
+        except _Retryable as failure:
+            plural = "" if attempts == 1 else "s"
+            message = f"{failure.message} (gave up after {attempts} attempt{plural})"
+            return Delivery(DeliveryOutcome.RETRY_LATER, failure.status, message, attempts)
+        except requests.RequestException as error:
+            message = _redact(_bounded(f"request failed: {error}", MAX_DELIVERY_MESSAGE_LENGTH), key)
+            return Delivery(DeliveryOutcome.RETRY_LATER, None, message, attempts)
+
+        status = response.status_code
+        message = _response_message(response, key)
+        if 200 <= status < 300:
+            outcome = DeliveryOutcome.DELIVERED
+        elif 400 <= status < 500:
+            outcome = DeliveryOutcome.REJECTED
+        else:
+            outcome = DeliveryOutcome.RETRY_LATER
+        return Delivery(outcome, status, message, attempts)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome is not None and state.outcome.failed else None
+        if isinstance(error, _Retryable) and error.retry_after is not None:
+            return min(error.retry_after, MAX_RETRY_AFTER)
+        return float(self._backoff(state))
+
+
+def _response_message(response: requests.Response, key: str) -> str:
+    """DevLake's ``message`` from its JSON envelope, or the bare JSON string it sends for decode errors."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        message = body["message"]
+    elif isinstance(body, str):
+        message = body
+    else:
+        message = response.text.strip() or f"HTTP {response.status_code} {response.reason or ''}".strip()
+    return _redact(_bounded(message, MAX_DELIVERY_MESSAGE_LENGTH), key)
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """``Retry-After`` in seconds from now: a number of seconds or an HTTP date."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _redact(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text

@@ -1,0 +1,508 @@
+"""A fake Apache DevLake webhook that checks keys and bodies the way DevLake v1.0.x does.
+
+Behaviour follows ``reference/devlake.md``: the API-key middleware of §2 (401/403), the decode step of §1.4-1.5
+(case-insensitive keys, weak typing, the date layouts; decode errors come back as a bare JSON string), the
+validator of §1.2-1.3 and §1.7 (400 envelopes), 500 on malformed JSON, and the upsert storage of §1.6: deployments
+by ``id`` per connection, commit rows keyed by (row id, commit SHA), where a re-POST with another SHA *adds* a row.
+A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does.
+
+Usage::
+
+    with FakeDevLake() as devlake:
+        devlake.add_connection(1, "key-1")
+        ...  # POST to f"{devlake.url}/api/rest/plugins/webhook/connections/1/deployments"
+        devlake.deployments(1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+ENVIRONMENTS = ("PRODUCTION", "STAGING", "TESTING", "DEVELOPMENT")
+DEVLAKE_TIME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}(?:(?:[.,]\d{1,9})?Z|(?:[.,](?:\d{1,3}|\d{6}))?[+-]\d{2}:\d{2}"
+    r"|(?:[.,]\d{1,9})?[+-]\d{4})| \d{2}:\d{2}(?::\d{2})?)?$"
+)
+"""The date pattern of the reference's JSON schema (§6), which agrees with DevLake's parser on every probed case."""
+
+_ROUTE = re.compile(r"^/plugins/webhook/connections/([^/]+)/deployments$")
+_TOP_STRINGS = ("id", "environment", "originalEnvironment", "result", "displayTitle", "name")
+_TOP_TIMES = ("startedDate", "finishedDate", "createdDate")
+_COMMIT_STRINGS = ("repoUrl", "commitSha", "result", "status", "refName", "commitMsg", "displayTitle", "name", "repoId")
+_COMMIT_TIMES = ("startedDate", "finishedDate", "createdDate")
+_STRUCT = "WebhookDeploymentReq"
+_NOT_FOUND = b"404 page not found"
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    connection: int | None
+    """The connection id in the path, when the path names one."""
+    headers: dict[str, str]
+    """Request headers; the ``Authorization`` value is replaced by its scheme and ``<redacted>``."""
+    body: Any
+    """Parsed JSON, or the raw text when it is not JSON."""
+    status: int
+
+
+@dataclass
+class _Failure:
+    status: int
+    retry_after: float | str | None = None
+
+
+@dataclass
+class _State:
+    keys: dict[str, str] = field(default_factory=dict)
+    """API key -> allowedPath regex."""
+    connections: set[int] = field(default_factory=set)
+    deployments: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    deployment_rows: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    commit_rows: dict[int, dict[tuple[str, str], dict[str, Any]]] = field(default_factory=dict)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    fail_next: list[_Failure] = field(default_factory=list)
+    fail_always: _Failure | None = None
+    delay: float = 0.0
+
+
+class FakeDevLake:
+    """ThreadingHTTPServer on 127.0.0.1 (free port) in a daemon thread; a context manager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._closing = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-devlake", daemon=True
+        )
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeDevLake:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._started:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+    def __enter__(self) -> FakeDevLake:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- controls ----------------------------------------------------------------------------------
+
+    def add_connection(self, connection_id: int, key: str) -> None:
+        """A webhook connection with its auto-created key, scoped to ``/plugins/webhook/connections/<id>/.*``."""
+        with self._lock:
+            self._state.connections.add(connection_id)
+            self._state.keys[key] = f"/plugins/webhook/connections/{connection_id}/.*"
+
+    def remove_connection(self, connection_id: int) -> None:
+        """Deleting a connection deletes its key too."""
+        scope = f"/plugins/webhook/connections/{connection_id}/.*"
+        with self._lock:
+            self._state.connections.discard(connection_id)
+            self._state.keys = {k: v for k, v in self._state.keys.items() if v != scope}
+
+    def add_api_key(self, key: str, allowed_path: str = ".*") -> None:
+        """A general key (``POST /api-keys``); its ``allowedPath`` is an unanchored regex on the path sans ``/rest``."""
+        with self._lock:
+            self._state.keys[key] = allowed_path
+
+    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None) -> None:
+        """Answer the next ``n`` requests with ``status`` (and ``Retry-After`` when given) before any other check."""
+        with self._lock:
+            self._state.fail_next.extend(_Failure(status, retry_after) for _ in range(n))
+
+    def fail_always(self, status: int | None, retry_after: float | str | None = None) -> None:
+        """Answer every request with ``status``; ``None`` stops it."""
+        with self._lock:
+            self._state.fail_always = None if status is None else _Failure(status, retry_after)
+
+    def delay(self, seconds: float) -> None:
+        """Server-side latency before every answer (pair it with a short client timeout)."""
+        with self._lock:
+            self._state.delay = seconds
+
+    # -- what was received -------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._state.requests)
+
+    @property
+    def post_count(self) -> int:
+        with self._lock:
+            return sum(1 for request in self._state.requests if request.method == "POST")
+
+    def deployments(self, connection_id: int) -> dict[str, dict[str, Any]]:
+        """Deployment id -> the last accepted body for it on this connection."""
+        with self._lock:
+            return {k: json.loads(json.dumps(v)) for k, v in self._state.deployments.get(connection_id, {}).items()}
+
+    def deployment_rows(self, connection_id: int) -> dict[str, dict[str, Any]]:
+        """``cicd_deployments`` rows written through this connection, DevLake's defaults applied."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._state.deployment_rows.get(connection_id, {}).items()}
+
+    def commit_rows(self, connection_id: int) -> list[dict[str, Any]]:
+        """``cicd_deployment_commits`` rows (snake_case columns, defaults applied), in insertion order."""
+        with self._lock:
+            return [dict(row) for row in self._state.commit_rows.get(connection_id, {}).values()]
+
+    # -- request handling (runs on the server's threads) -------------------------------------------
+
+    def _handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            delay = self._state.delay
+        if delay > 0 and self._closing.wait(delay):
+            return 503, _envelope("shutting down"), {}
+        connection = _connection_in(path)
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            body: Any = json.loads(text) if text.strip() else None
+        except ValueError:
+            body = text
+        status, answer, extra = self._respond(method, path, headers, text)
+        recorded = dict(headers)
+        for name in list(recorded):
+            if name.lower() == "authorization":
+                scheme = recorded[name].split(" ", 1)[0] if " " in recorded[name] else ""
+                recorded[name] = f"{scheme} <redacted>".strip()
+        with self._lock:
+            self._state.requests.append(RecordedRequest(method, path, connection, recorded, body, status))
+        return status, answer, extra
+
+    def _respond(self, method: str, path: str, headers: dict[str, str], text: str) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            failure = self._state.fail_next.pop(0) if self._state.fail_next else self._state.fail_always
+        if failure is not None:
+            extra = {} if failure.retry_after is None else {"Retry-After": _header_value(failure.retry_after)}
+            return failure.status, _envelope(f"fake failure {failure.status}"), extra
+        if not path.startswith("/api/rest/"):
+            return 404, _NOT_FOUND, {}
+        inner = path.removeprefix("/api/rest")
+        denied = self._authenticate(inner, headers)
+        if denied is not None:
+            return denied[0], {"success": False, "message": denied[1]}, {}
+        route = _ROUTE.match(inner)
+        if method != "POST" or route is None:
+            return 404, _NOT_FOUND, {}
+        if not route.group(1).isdigit() or int(route.group(1)) <= 0:
+            return 400, _envelope("invalid connectionId (400)"), {}
+        connection_id = int(route.group(1))
+        with self._lock:
+            known = connection_id in self._state.connections
+        if not known:
+            return 404, _envelope("record not found (404)"), {}
+        return self._post_deployment(connection_id, text)
+
+    def _authenticate(self, inner: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        value = next((v for k, v in headers.items() if k.lower() == "authorization"), None)
+        if value is None:
+            return 401, "token is missing"
+        if not value.startswith("Bearer ") or not value[len("Bearer ") :].strip():
+            return 401, "token is not present or malformed"
+        with self._lock:
+            allowed = self._state.keys.get(value[len("Bearer ") :].strip())
+        if allowed is None:
+            return 403, "api key is invalid"
+        if not re.search(allowed, inner):
+            return 403, "path doesn't match api key's scope"
+        return None
+
+    def _post_deployment(self, connection_id: int, text: str) -> tuple[int, Any, dict[str, str]]:
+        if not text.strip():
+            body: Any = {}
+        else:
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError as error:
+                return 500, _envelope(_go_json_error(text, error)), {}
+        if not isinstance(body, dict):
+            kind = "array" if isinstance(body, list) else type(body).__name__
+            return 500, _envelope(f"json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}"), {}
+
+        errors: list[str] = []
+        request = _decode(body, _TOP_STRINGS, _TOP_TIMES, "", errors)
+        commits: list[dict[str, Any]] = []
+        raw_commits = _lookup(body, "deploymentCommits")
+        if isinstance(raw_commits, dict):
+            raw_commits = [raw_commits]
+        if isinstance(raw_commits, list):
+            for index, item in enumerate(raw_commits):
+                where = f"deploymentCommits[{index}]"
+                if not isinstance(item, dict):
+                    errors.append(f"'{where}' expected a map, got '{_go_type(item)}'")
+                    continue
+                commits.append(_decode(item, _COMMIT_STRINGS, _COMMIT_TIMES, f"{where}.", errors))
+        elif raw_commits is not None:
+            errors.append(f"'deploymentCommits': source data must be an array or slice, got {_go_type(raw_commits)}")
+        if errors:
+            return 400, f"{len(errors)} error(s) decoding:\n\n" + "\n".join(f"* {e}" for e in errors), {}
+
+        failures = _validate(request, commits)
+        if failures:
+            message = (
+                "input json error (400)\nWraps: (2) "
+                + "\n  | ".join(failures)
+                + "\nError types: (1) *hintdetail.withDetail (2) validator.ValidationErrors"
+            )
+            return 400, _envelope(message), {}
+        if not commits:
+            return 400, _envelope("deployment_commits is empty (400)"), {}
+        self._store(connection_id, body, request, commits)
+        return 200, {"code": 0, "success": True, "message": "success", "causes": None, "data": None}, {}
+
+    def _store(
+        self, connection_id: int, body: dict[str, Any], request: dict[str, Any], commits: list[dict[str, Any]]
+    ) -> None:
+        deployment_id = request["id"]
+        environment = request["environment"] or "PRODUCTION"
+        started, finished = request["startedDate"], request["finishedDate"]
+        created = request["createdDate"] or started
+        rows: list[dict[str, Any]] = []
+        for commit in commits:
+            sha, repo_url = commit["commitSha"], commit["repoUrl"]
+            url_hash = hashlib.md5(repo_url.encode()).hexdigest()[:16]
+            rows.append(
+                {
+                    "id": f"webhook:{connection_id}:{deployment_id}:{url_hash}:{sha}",
+                    "cicd_deployment_id": deployment_id,
+                    "cicd_scope_id": f"webhook:{connection_id}",
+                    "repo_url": repo_url,
+                    "commit_sha": sha,
+                    "ref_name": commit["refName"] or "",
+                    "commit_msg": commit["commitMsg"] or "",
+                    "result": commit["result"] or "SUCCESS",
+                    "status": commit["status"] or "DONE",
+                    "environment": environment,
+                    "created_date": commit["createdDate"] or created,
+                    "started_date": commit["startedDate"],
+                    "finished_date": commit["finishedDate"],
+                    "duration_sec": int((finished - started).total_seconds()),
+                    "display_title": commit["displayTitle"] or "",
+                    "name": commit["name"] or f"deployment for {sha}",
+                }
+            )
+        shas = ",".join(commit["commitSha"] for commit in commits)
+        deployment_row = {
+            "id": deployment_id,
+            "cicd_scope_id": f"webhook:{connection_id}",
+            "name": request["name"] or f"deploy {shas} to {environment}",
+            "display_title": request["displayTitle"] or "",
+            "result": request["result"] or "SUCCESS",
+            "environment": environment,
+            "created_date": created,
+            "started_date": started,
+            "finished_date": finished,
+        }
+        with self._lock:
+            store = self._state.commit_rows.setdefault(connection_id, {})
+            for row in rows:
+                store[(row["id"], row["commit_sha"])] = row
+            self._state.deployment_rows.setdefault(connection_id, {})[deployment_id] = deployment_row
+            self._state.deployments.setdefault(connection_id, {})[deployment_id] = json.loads(json.dumps(body))
+
+
+# -- decoding and validation as DevLake does it ------------------------------------------------------
+
+
+def _lookup(data: dict[str, Any], name: str) -> Any:
+    """mapstructure matches keys case-insensitively (an exact match wins); ``null`` counts as absent."""
+    if name in data:
+        return data[name]
+    lowered = name.lower()
+    for key, value in data.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def _decode(
+    data: dict[str, Any], strings: tuple[str, ...], times: tuple[str, ...], prefix: str, errors: list[str]
+) -> dict[str, Any]:
+    decoded: dict[str, Any] = {}
+    for name in strings:
+        value = _lookup(data, name)
+        if value is None:
+            decoded[name] = ""
+        elif isinstance(value, str):
+            decoded[name] = value
+        elif isinstance(value, bool):
+            decoded[name] = "1" if value else "0"
+        elif isinstance(value, int):
+            decoded[name] = str(value)
+        elif isinstance(value, float):
+            decoded[name] = str(int(value)) if value.is_integer() else repr(value)
+        else:
+            decoded[name] = ""
+            errors.append(f"'{prefix}{name}' expected type 'string', got unconvertible type '{_go_type(value)}'")
+    for name in times:
+        value = _lookup(data, name)
+        decoded[name] = None
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            errors.append(f"'{prefix}{name}' expected a map, got '{_go_type(value)}'")
+            continue
+        parsed = parse_devlake_time(value)
+        if isinstance(parsed, str):
+            errors.append(f"error decoding '{prefix}{name}': {parsed}")
+        else:
+            decoded[name] = parsed
+    return decoded
+
+
+def _validate(request: dict[str, Any], commits: list[dict[str, Any]]) -> list[str]:
+    """go-playground validator messages, in struct field order."""
+    failures: list[str] = []
+
+    def fail(path: str, tag: str) -> None:
+        failures.append(
+            f"Key: '{_STRUCT}.{path}' Error:Field validation for '{path.rsplit('.', 1)[-1]}' failed on the '{tag}' tag"
+        )
+
+    if not request["id"]:
+        fail("Id", "required")
+    if request["startedDate"] is None:
+        fail("StartedDate", "required")
+    if request["finishedDate"] is None:
+        fail("FinishedDate", "required")
+    if request["environment"] and request["environment"] not in ENVIRONMENTS:
+        fail("Environment", "oneof")
+    for index, commit in enumerate(commits):
+        where = f"DeploymentCommits[{index}]"
+        if not commit["repoUrl"]:
+            fail(f"{where}.RepoUrl", "required")
+        if not commit["commitSha"]:
+            fail(f"{where}.CommitSha", "required")
+        if commit["startedDate"] is None:
+            fail(f"{where}.StartedDate", "required")
+        if commit["finishedDate"] is None:
+            fail(f"{where}.FinishedDate", "required")
+    return failures
+
+
+_NAIVE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[.,]\d+)?$")
+_COLON_OFFSET = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})[.,](\d+)([+-]\d{2}:\d{2})$")
+_SPACE_WITH_REST = re.compile(r"^\d{4}-\d{2}-\d{2}( .+)$")
+
+
+def parse_devlake_time(value: str) -> datetime | str:
+    """An aware UTC datetime, or Go's parse error text for a string DevLake would refuse."""
+    if DEVLAKE_TIME.match(value):
+        normalised = value.replace(",", ".")
+        if len(normalised) == 10:
+            normalised += "T00:00:00"
+        normalised = normalised.replace(" ", "T")
+        try:
+            parsed = datetime.fromisoformat(normalised.replace("Z", "+00:00"))
+        except ValueError as error:
+            return f'parsing time "{value}": {error}'
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if _NAIVE.match(value):
+        return f'parsing time "{value}" as "2006-01-02T15:04:05Z07:00": cannot parse "" as "Z07:00"'
+    if match := _COLON_OFFSET.match(value):
+        fraction, offset = match.group(2), match.group(3)
+        kept = 3 if len(fraction) < 6 else 6
+        layout = "2006-01-02T15:04:05." + "0" * kept + "-07:00"
+        return f'parsing time "{value}" as "{layout}": cannot parse "{fraction[kept:]}{offset}" as "-07:00"'
+    if match := _SPACE_WITH_REST.match(value):
+        return f'parsing time "{value}" as "2006-01-02T15:04:05-07:00": cannot parse "{match.group(1)}" as "T"'
+    return f'parsing time "{value}" as "2006-01-02T15:04:05Z07:00": cannot parse "{value}" as "2006"'
+
+
+def _go_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "float64"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "[]interface {}"
+    return "map[string]interface {}"
+
+
+def _go_json_error(text: str, error: json.JSONDecodeError) -> str:
+    if error.pos >= len(text.rstrip()):
+        return "unexpected EOF"
+    return f"invalid character {text[error.pos]!r} looking for beginning of value"
+
+
+def _envelope(message: str) -> dict[str, Any]:
+    return {"code": 0, "success": False, "message": message, "causes": None, "data": None}
+
+
+def _header_value(retry_after: float | str) -> str:
+    if isinstance(retry_after, str):
+        return retry_after
+    return str(int(retry_after)) if float(retry_after).is_integer() else str(retry_after)
+
+
+def _connection_in(path: str) -> int | None:
+    match = re.search(r"/connections/(\d+)/", path)
+    return int(match.group(1)) if match else None
+
+
+def _handler_for(fake: FakeDevLake) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def _serve(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            status, answer, extra = fake._handle(method, self.path, dict(self.headers.items()), raw)
+            plain = isinstance(answer, bytes)
+            payload = answer if plain else json.dumps(answer).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain" if plain else "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
