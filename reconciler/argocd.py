@@ -1,0 +1,393 @@
+"""Listing Argo CD Applications from one cluster through the Kubernetes API.
+
+One independent ``ApiClient`` per cluster (the global default configuration is never touched), paged lists
+(``limit``/``continue``) streamed page by page, a restart of the list when the continue token expires (410),
+short retries for transient failures, and every failure surfaced as ``ClusterUnavailable`` with a reason an
+operator can act on. Items are returned as raw dicts; parsing them is ``application.py``'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from reconciler.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+GROUP = "argoproj.io"
+VERSION = "v1alpha1"
+PLURAL = "applications"
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+MIN_READ_TIMEOUT_SECONDS = 0.05
+MAX_RESTARTS = 3
+"""How many times one listing is restarted from the beginning after its continue token expired."""
+ATTEMPTS = 4
+"""Tries per request when the failure is transient (connection errors, timeouts, 429, 5xx)."""
+MAX_RETRY_AFTER_SECONDS = 10.0
+_REASON_LIMIT = 300
+_BEARER = re.compile(r"(?i)(bearer\s+)\S+")
+
+
+class ClusterUnavailable(Exception):
+    """The cluster could not be listed. ``str(error)`` is the reason (the cluster name is ``.cluster``)."""
+
+    def __init__(self, cluster: str, reason: str) -> None:
+        super().__init__(reason)
+        self.cluster = cluster
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ClusterUnavailable], tuple[str, str]]:
+        return type(self), (self.cluster, self.reason)
+
+
+# -- client construction -------------------------------------------------------------------------------
+
+
+def build_api_client(cluster: ClusterConfig) -> ApiClient:
+    """An ``ApiClient`` of its own for ``cluster``: its kubeconfig (and context), else ``$KUBECONFIG`` or
+    ``~/.kube/config`` when one exists, else the pod's service account. Raises ``ClusterUnavailable``."""
+    configuration = Configuration()
+    kubeconfig = _kubeconfig_for(cluster)
+    try:
+        if kubeconfig is not None:
+            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig,
+                context=cluster.context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+        else:
+            kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except Exception as error:  # the loaders raise ConfigException, YAML, OS and plain KeyError/TypeError alike
+        source = f"kubeconfig {kubeconfig}" if kubeconfig is not None else "the in-cluster service account"
+        detail = _clean(_first_line(str(error)) or type(error).__name__, _secrets_of(configuration))
+        if kubeconfig is None:
+            detail += " (no kubeconfig found in $KUBECONFIG or ~/.kube/config, and not running in a pod)"
+        raise ClusterUnavailable(cluster.name, f"cannot load {source}: {detail}") from None
+    if not cluster.verify_tls:
+        configuration.verify_ssl = False
+    # Retries belong to the lister (tenacity, with backoff and logging): without this urllib3 would retry
+    # connection and read errors 3 more times itself, so a hung server would cost 4 read timeouts per attempt.
+    configuration.retries = urllib3.Retry(
+        total=2, connect=0, read=0, other=0, status=0, redirect=2, respect_retry_after_header=False
+    )
+    return ApiClient(configuration=configuration)
+
+
+def _kubeconfig_for(cluster: ClusterConfig) -> str | None:
+    """The kubeconfig to load (possibly a ``:``-separated ``$KUBECONFIG`` list), or ``None`` for in-cluster."""
+    if cluster.kubeconfig:
+        path = Path(cluster.kubeconfig).expanduser()
+        if not path.is_file():
+            raise ClusterUnavailable(cluster.name, f"kubeconfig {path} does not exist")
+        return str(path)
+    environment = os.environ.get("KUBECONFIG", "")
+    paths = [Path(part).expanduser() for part in environment.split(os.pathsep) if part]
+    if any(path.is_file() for path in paths):
+        return os.pathsep.join(str(path) for path in paths if path.is_file())
+    default = Path("~/.kube/config").expanduser()
+    if default.is_file():
+        return str(default)
+    if cluster.context:
+        raise ClusterUnavailable(
+            cluster.name,
+            f"context {cluster.context!r} is configured but no kubeconfig was found "
+            "(set kubeconfig, $KUBECONFIG or ~/.kube/config)",
+        )
+    return None
+
+
+# -- listing -----------------------------------------------------------------------------------------
+
+
+class _Expired(Exception):
+    """The list's continue token expired (410 Gone)."""
+
+
+class ClusterLister:
+    """Lists the Argo CD Applications of one cluster, page by page.
+
+    ``pages()`` yields each page's items as soon as it arrives, so memory stays at about one page. Without an
+    injected ``api_client`` each ``pages()`` call builds its own from the cluster config (picking up rotated
+    credentials) and closes it when the iteration ends.
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        api_client: ApiClient | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        attempts: int = ATTEMPTS,
+        max_restarts: int = MAX_RESTARTS,
+    ) -> None:
+        self.cluster = cluster
+        self._api_client = api_client
+        self._sleep = sleep
+        self._attempts = max(1, attempts)
+        self._max_restarts = max(0, max_restarts)
+        read = max(cluster.request_timeout.total_seconds(), MIN_READ_TIMEOUT_SECONDS)
+        self._timeout = (min(CONNECT_TIMEOUT_SECONDS, read), read)
+        self._secrets: tuple[str, ...] = ()
+        self._host = "the API server"
+        self.requests = 0
+        """List requests sent (attempts included) over this lister's lifetime."""
+        self.restarts = 0
+        """Listings restarted after an expired continue token."""
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+    def pages(self) -> Iterator[list[dict[str, Any]]]:
+        """Raw Application dicts, page by page: every namespace (or each configured one in turn).
+
+        An Application is yielded once per listing even when an expired continue token forces a restart.
+        Items are passed on as the server sent them, malformed ones included. Raises ``ClusterUnavailable``.
+        """
+        owned = self._api_client is None
+        api_client = build_api_client(self.cluster) if self._api_client is None else self._api_client
+        try:
+            self._secrets = _secrets_of(api_client.configuration)
+            self._host = str(api_client.configuration.host or self._host)
+            api = CustomObjectsApi(api_client)
+            namespaces: list[str | None] = list(dict.fromkeys(self.cluster.namespaces)) or [None]
+            for namespace in namespaces:
+                yield from self._listing(api, namespace)
+        finally:
+            if owned:
+                api_client.close()  # type: ignore[no-untyped-call]
+
+    def _listing(self, api: CustomObjectsApi, namespace: str | None) -> Iterator[list[dict[str, Any]]]:
+        seen: set[tuple[str, str]] = set()
+        restarts = 0
+        token: str | None = None
+        while True:
+            try:
+                response = self._fetch(api, namespace, token)
+            except _Expired:
+                if restarts >= self._max_restarts:
+                    raise ClusterUnavailable(
+                        self.name,
+                        f"the continue token of the Application list {_scope(namespace)} kept expiring; "
+                        f"gave up after {restarts} restarts (is the reconciler too slow between pages?)",
+                    ) from None
+                restarts += 1
+                self.restarts += 1
+                log.warning(
+                    "continue token expired; restarting the list",
+                    extra={"cluster": self.name, "namespace": namespace, "restart": restarts},
+                )
+                token = None
+                continue
+            items, token = self._unpack(response, namespace)
+            page = []
+            for item in items:
+                identity = _identity(item, namespace)
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                page.append(item)
+            if page:
+                yield page
+            if not token:
+                return
+
+    def _fetch(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> Any:
+        retrying = Retrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(self._attempts),
+            wait=_wait,
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._request, api, namespace, token)
+        except ApiException as error:
+            if error.status == 410:
+                raise _Expired from None
+            raise ClusterUnavailable(self.name, self._api_reason(error, namespace)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise ClusterUnavailable(self.name, self._connection_reason(error)) from None
+        except ValueError as error:  # undecodable JSON, or the client's own argument validation
+            detail = self._clean(_first_line(str(error)))
+            raise ClusterUnavailable(self.name, f"the API server's answer could not be read: {detail}") from None
+
+    def _request(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> Any:
+        self.requests += 1
+        kwargs: dict[str, Any] = {"limit": self.cluster.page_size, "_request_timeout": self._timeout}
+        if token:
+            kwargs["_continue"] = token
+        if self.cluster.label_selector:
+            kwargs["label_selector"] = self.cluster.label_selector
+        if namespace is None:
+            return api.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+        return api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+
+    def _unpack(self, response: Any, namespace: str | None) -> tuple[list[Any], str | None]:
+        if not isinstance(response, dict):
+            raise ClusterUnavailable(self.name, f"the API server's answer {_scope(namespace)} is not a Kubernetes list")
+        items = response.get("items") or []
+        if not isinstance(items, list):
+            raise ClusterUnavailable(self.name, f"the API server's list {_scope(namespace)} has no items array")
+        metadata = response.get("metadata")
+        token = metadata.get("continue") if isinstance(metadata, dict) else None
+        return items, token if isinstance(token, str) and token else None
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        reason = self._describe(error) if error is not None else "unknown"
+        log.warning(
+            "listing Applications failed; retrying",
+            extra={"cluster": self.name, "reason": reason, "attempt": state.attempt_number},
+        )
+
+    # -- reasons -------------------------------------------------------------------------------------
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, ApiException):
+            return self._clean(f"HTTP {error.status} {error.reason or ''}".strip())
+        return self._connection_reason(error)
+
+    def _api_reason(self, error: ApiException, namespace: str | None) -> str:
+        status = error.status
+        message = self._clean(_status_message(error.body))
+        suffix = f" ({message})" if message else ""
+        if status == 401:
+            return (
+                "unauthorized (401): the API server rejected the credentials; the token may be expired or revoked"
+                + suffix
+            )
+        if status == 403:
+            return (
+                f"forbidden (403): the service account needs list on applications.argoproj.io {_scope(namespace)}"
+                + suffix
+            )
+        if status == 404:
+            return (
+                "not found (404): the API server does not serve applications.argoproj.io/v1alpha1 "
+                "(is Argo CD's Application CRD installed?)" + suffix
+            )
+        if _transient(error):
+            return f"HTTP {status} from the API server after {self._attempts} attempts{suffix}"
+        if not status:
+            return f"TLS or protocol error: {self._clean(_first_line(str(error.reason or '')))}"
+        return f"HTTP {status} {error.reason or ''}".rstrip() + suffix
+
+    def _connection_reason(self, error: BaseException) -> str:
+        cause = error.reason if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason else error
+        host = self._host
+        if isinstance(cause, urllib3.exceptions.SSLError):
+            detail = self._clean(_first_line(str(cause)))
+            return f"TLS handshake with {host} failed: {detail} (check the cluster CA, or set verify_tls: false)"
+        timed_out = isinstance(cause, urllib3.exceptions.TimeoutError | TimeoutError) and not isinstance(
+            cause, urllib3.exceptions.NewConnectionError
+        )
+        kind = "timed out" if timed_out else "failed"
+        detail = self._clean(_first_line(_strip_pool(str(cause))) or type(cause).__name__)
+        if not _transient(error):
+            return f"connection to {host} failed: {detail}"
+        return f"connection to {host} {kind} after {self._attempts} attempts: {detail}"
+
+    def _clean(self, text: str) -> str:
+        return _clean(text, self._secrets)
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, ApiException):
+        status = error.status if isinstance(error.status, int) else 0
+        return status in (408, 429) or 500 <= status <= 599
+    permanent = (urllib3.exceptions.SSLError, urllib3.exceptions.LocationValueError)
+    if isinstance(error, urllib3.exceptions.MaxRetryError):
+        return not isinstance(error.reason, permanent)
+    return isinstance(error, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError) and not isinstance(
+        error, permanent
+    )
+
+
+_backoff = wait_exponential_jitter(multiplier=0.5, max=5, jitter=0.5)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Exponential backoff, or the server's ``Retry-After`` (capped) when it sent one."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(error, ApiException) and error.headers:
+        retry_after = error.headers.get("Retry-After")
+        try:
+            return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_SECONDS)
+        except (TypeError, ValueError):
+            pass
+    return float(_backoff(state))
+
+
+def _identity(item: Any, namespace: str | None) -> tuple[str, str]:
+    """``(namespace, name)``; a digest of the item for malformed ones so they are still deduplicated."""
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    if isinstance(metadata, dict):
+        name = metadata.get("name")
+        item_namespace = metadata.get("namespace")
+        if isinstance(name, str) and name:
+            return (item_namespace if isinstance(item_namespace, str) else namespace or "", name)
+    digest = hashlib.sha256(json.dumps(item, sort_keys=True, default=repr).encode()).hexdigest()
+    return ("\0malformed", digest)
+
+
+def _scope(namespace: str | None) -> str:
+    return f"in namespace {namespace}" if namespace else "at cluster scope"
+
+
+def _status_message(body: Any) -> str:
+    """The ``message`` of a Kubernetes Status body, if the body is one."""
+    if not isinstance(body, str | bytes) or not body:
+        return ""
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return ""
+    message = status.get("message") if isinstance(status, dict) else None
+    return _first_line(message) if isinstance(message, str) else ""
+
+
+def _secrets_of(configuration: Configuration) -> tuple[str, ...]:
+    values: list[str] = []
+    for value in (getattr(configuration, "api_key", None) or {}).values():
+        if isinstance(value, str):
+            values.append(_BEARER.sub("", value).strip())
+    password = getattr(configuration, "password", None)
+    if isinstance(password, str):
+        values.append(password)
+    return tuple(value for value in values if len(value) >= 4)
+
+
+def _clean(text: str, secrets: tuple[str, ...]) -> str:
+    """Short, one line, with bearer tokens and known secrets masked."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    text = _BEARER.sub(r"\1***", text)
+    return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 1] + "…"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
+def _strip_pool(text: str) -> str:
+    """``HTTPConnection(host=..., port=...): Failed to establish ...`` -> the part after the pool repr."""
+    match = re.match(r"^(?:<[\w.]+ object at 0x[0-9a-f]+>|\w+\([^)]*\)): (.*)$", text)
+    return match.group(1) if match else text
