@@ -48,6 +48,11 @@ _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _HEX_RUN = re.compile(r"[0-9a-f]{7,40}")
 
 
+CONFIGURATION_STATUSES = frozenset({401, 403, 404})
+"""A wrong API key or connection id is an operator's fix, not a bad payload: hold the deployment back
+(the run exits 1) rather than dead-letter every deployment until someone notices."""
+
+
 class PayloadError(ValueError):
     """No DevLake body can be built for this deployment (e.g. no commit with a full SHA); the caller skips it."""
 
@@ -121,15 +126,27 @@ def build_payload(
     }
 
 
-def commit_set_fingerprint(enriched: EnrichedDeployment, *, environment: str) -> str:
-    """A stable hash of the deployed head commits, the environment and the result, for component-level dedupe.
+def commit_set_fingerprint(
+    enriched: EnrichedDeployment, *, environment: str, previous: Mapping[str, str] | None = None
+) -> str:
+    """A stable hash of the change a deployment makes, for component-level dedupe.
 
-    The environment is part of it so that a staging deployment of a commit set never hides the production one;
-    the result so that a success after a failure of the same commits still goes out.
+    It covers the deployed head commits, where each of their repositories came from (``previous``:
+    ``owner/repo`` -> the SHA deployed before), the environment and the result. So a second Application of
+    the same component making the same change is deduplicated, while a rollback or a later redeploy of
+    commits the component already had is a new change and goes out; a staging deployment never hides the
+    production one, and a success after a failure of the same commits still goes out.
     """
+    previous = previous or {}
     pairs = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    origins = sorted({(commit.repo, previous[commit.repo]) for commit in enriched.heads if commit.repo in previous})
     material = json.dumps(
-        {"commits": pairs, "environment": str(environment), "result": enriched.deployment.result.devlake},
+        {
+            "commits": pairs,
+            "from": origins,
+            "environment": str(environment),
+            "result": enriched.deployment.result.devlake,
+        },
         separators=(",", ":"),
     )
     return hashlib.sha256(material.encode()).hexdigest()[:32]
@@ -297,6 +314,33 @@ class DevLakeClient:
     def url_for(self, connection: ConnectionConfig) -> str:
         return f"{self._devlake.url}/api/rest/plugins/webhook/connections/{connection.id}/deployments"
 
+    def probe(self, connection: ConnectionConfig) -> tuple[bool, str]:
+        """For ``check``: POST an empty body. DevLake authenticates before it validates, so a 400 proves the
+        URL, the route and the API key without storing anything."""
+        key = connection.api_key()
+        if key is None:
+            return False, f"api key env var {connection.api_key_env} is not set"
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        try:
+            response = self._session.post(
+                self.url_for(connection),
+                json={},
+                headers=headers,
+                timeout=self._timeout,
+                verify=self._devlake.verify_tls,
+            )
+        except requests.RequestException as error:
+            return False, _redact(_bounded(f"unreachable: {error}", MAX_DELIVERY_MESSAGE_LENGTH), key)
+        status = response.status_code
+        if status == 400:
+            return True, f"reachable at {self._devlake.url}, API key accepted"
+        message = _response_message(response, key)
+        if status in (401, 403):
+            return False, f"API key refused (HTTP {status}: {message})"
+        if status == 404:
+            return False, f"connection {connection.id} not found (HTTP 404: {message})"
+        return False, f"unexpected answer HTTP {status}: {message}"
+
     def deliver(self, connection: ConnectionConfig, payload: Mapping[str, Any], deadline: float) -> Delivery:
         """POST one payload to one connection. ``deadline`` is a ``time.monotonic()`` value; one attempt is
         always made, retries only while their wait ends before it."""
@@ -363,6 +407,9 @@ class DevLakeClient:
         message = _response_message(response, key)
         if 200 <= status < 300:
             outcome = DeliveryOutcome.DELIVERED
+        elif status in CONFIGURATION_STATUSES:
+            outcome = DeliveryOutcome.RETRY_LATER
+            message = f"DevLake refused the connection's configuration (HTTP {status}): {message}"
         elif 400 <= status < 500:
             outcome = DeliveryOutcome.REJECTED
         else:

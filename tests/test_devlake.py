@@ -790,7 +790,7 @@ def test_a_decode_error_is_rejected_with_the_bare_string_message(
     assert 'cannot parse "" as "Z07:00"' in delivery.message
 
 
-def test_a_wrong_key_is_rejected_and_the_key_appears_nowhere(
+def test_a_wrong_key_holds_the_deployment_back_and_the_key_appears_nowhere(
     fake: FakeDevLake, monkeypatch: pytest.MonkeyPatch, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = "w" * 128
@@ -800,7 +800,12 @@ def test_a_wrong_key_is_rejected_and_the_key_appears_nowhere(
     with client_for(fake, clock) as client:
         delivery = client.deliver(make_config(fake.url).devlake.connections[0], payload_for(), clock() + 60)
 
-    assert delivery == Delivery(DeliveryOutcome.REJECTED, 403, "api key is invalid", 1)
+    assert delivery == Delivery(
+        DeliveryOutcome.RETRY_LATER,
+        403,
+        "DevLake refused the connection's configuration (HTTP 403): api key is invalid",
+        1,
+    )
     assert wrong not in repr(delivery) and wrong not in repr(client)
     assert all(wrong not in repr(record.__dict__) for record in caplog.records)
 
@@ -813,7 +818,7 @@ class _ProxyDroppingAuth(requests.Session):
         return super().send(request, **kwargs)
 
 
-def test_a_missing_token_is_rejected_with_devlakes_401_message(
+def test_a_missing_token_holds_the_deployment_back_with_devlakes_401_message(
     fake: FakeDevLake, api_key: str, clock: FakeClock
 ) -> None:
     config = make_config(fake.url)
@@ -821,7 +826,12 @@ def test_a_missing_token_is_rejected_with_devlakes_401_message(
         client = DevLakeClient(config.devlake, sleep=clock.sleep, clock=clock, session=session)
         delivery = client.deliver(config.devlake.connections[0], payload_for(), clock() + 60)
 
-    assert delivery == Delivery(DeliveryOutcome.REJECTED, 401, "token is missing", 1)
+    assert delivery == Delivery(
+        DeliveryOutcome.RETRY_LATER,
+        401,
+        "DevLake refused the connection's configuration (HTTP 401): token is missing",
+        1,
+    )
     assert api_key not in delivery.message
 
 
@@ -885,3 +895,32 @@ def test_the_request_carries_the_bearer_key_and_json(fake: FakeDevLake, api_key:
     assert request.connection == 1 and request.body == payload and request.status == 200
     assert request.headers["Authorization"] == "Bearer <redacted>"
     assert request.headers["Content-Type"] == "application/json"
+
+
+def test_probe_proves_url_route_and_key_without_storing_anything(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    config = make_config(fake.url)
+    with client_for(fake, clock) as client:
+        ok, message = client.probe(config.devlake.connections[0])
+    assert ok, message
+    assert "API key accepted" in message
+    assert fake.deployments(config.devlake.connections[0].id) == {}
+
+
+def test_probe_reports_a_refused_key_and_an_unreachable_devlake(
+    fake: FakeDevLake, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    wrong = "x" * 128
+    monkeypatch.setenv(KEY_ENV, wrong)
+    config = make_config(fake.url)
+    with client_for(fake, clock) as client:
+        ok, message = client.probe(config.devlake.connections[0])
+    assert not ok
+    assert "API key refused (HTTP 403" in message and wrong not in message
+
+    unreachable = make_config("http://127.0.0.1:9")
+    with DevLakeClient(unreachable.devlake, sleep=clock.sleep, clock=clock) as client:
+        ok, message = client.probe(unreachable.devlake.connections[0])
+    assert not ok
+    assert message.startswith("unreachable:")
