@@ -10,10 +10,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from reconciler import __version__
+from reconciler import __version__, exitcodes
 from reconciler.config import Config, ConfigError, load_config
-from reconciler.exitcodes import CONFIG as EXIT_CONFIG
-from reconciler.exitcodes import OK as EXIT_OK
 from reconciler.logs import Redactor, configure_logging
 
 log = logging.getLogger("reconciler")
@@ -83,20 +81,20 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
-        return EXIT_CONFIG if exit_.code else EXIT_OK
+        return exitcodes.CONFIG if exit_.code else exitcodes.OK
     redactor = configure_logging(log_format=args.log_format, level=args.log_level)
     try:
         config = load_config(args.config)
     except ConfigError as error:
         for problem in error.problems:
             print(f"config error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
     redactor.add(config.secret_values())
     try:
         return _dispatch(args, config, redactor, stdout)
     except ValueError as error:
         print(f"error: {redactor(str(error))}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exitcodes.CONFIG
 
 
 def _dispatch(args: argparse.Namespace, config: Config, redactor: Redactor, stdout: TextIO) -> int:

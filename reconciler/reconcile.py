@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from reconciler.devlake import (
 )
 from reconciler.enrich import Deferred, Enricher, Skipped
 from reconciler.github import GitHubClient
-from reconciler.images import commit_images
+from reconciler.images import InvalidImageReference, RepositoryMapper, commit_images, parse_image
 from reconciler.model import (
     AppKey,
     AppObservation,
@@ -48,6 +49,7 @@ from reconciler.store import LockHeld, RunLock, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
 LOCK_TTL_SECONDS = 60
 LOCK_RENEW_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 10.0
@@ -58,7 +60,7 @@ class ListerFactory(Protocol):
 
 
 class Metrics(Protocol):
-    def deployment_planned(self, deployment: Deployment) -> None: ...
+    def deployment_recorded(self, deployment: Deployment) -> None: ...
     def delivery(self, connection_id: int, outcome: str) -> None: ...
     def dead_letter(self) -> None: ...
     def tick_finished(self, summary: RunSummary) -> None: ...
@@ -169,6 +171,7 @@ class Reconciler:
         self.github = github
         self.devlake = devlake
         self.enricher = Enricher(config, github)
+        self.mapper = RepositoryMapper(config.images)
         self.router = Router(config.devlake)
         self.lister_factory = lister_factory
         self.metrics = metrics
@@ -318,7 +321,7 @@ class Reconciler:
         if not busy:
             return
         outcomes = self.enricher.enrich_many(
-            [(work.plan.deployments, work.snapshot.commits if work.snapshot else {}) for work in busy]
+            [(work.plan.deployments, self._previous_commits(work.snapshot)) for work in busy]
         )
         with ThreadPoolExecutor(max_workers=self.config.devlake.max_concurrency) as pool:
             results = list(
@@ -349,15 +352,16 @@ class Reconciler:
     ) -> _AppResult:
         """Deliver an Application's deployments strictly in order; stop at the first that cannot go out."""
         result = _AppResult()
+        if self.stop.is_set():
+            result.deferred += len(work.plan.deployments)
+            return result
         observation = work.observation
         key = observation.key
         component = self.config.applications.component_of(key.name, observation.labels)
         connections = self.router.connections_for(key, component)
-        commits: dict[str, str] = dict(work.snapshot.commits) if work.snapshot else {}
+        commits = self._previous_commits(work.snapshot)
         saved = work.snapshot
         for index, (deployment, outcome) in enumerate(zip(work.plan.deployments, outcomes, strict=True)):
-            if self.metrics:
-                self.metrics.deployment_planned(deployment)
             if isinstance(outcome, Deferred):
                 result.deferred += len(work.plan.deployments) - index
                 log.warning(
@@ -376,7 +380,7 @@ class Reconciler:
                     self.store.record_delivery(key, saved, [])
                 continue
             delivered, markers, stats = self._deliver_deployment(
-                outcome, observation, component, connections, options, deadline
+                outcome, observation, component, connections, commits, options, deadline
             )
             result.sent += stats.sent
             result.retry_later += stats.retry_later
@@ -395,10 +399,29 @@ class Reconciler:
             saved = deployment.snapshot_after.evolve(commits=dict(commits))
             if not options.dry_run:
                 self.store.record_delivery(key, saved, markers)
+                if self.metrics:
+                    self.metrics.deployment_recorded(deployment)
         final = work.plan.snapshot.evolve(commits=dict(commits))
         if final != saved and not options.dry_run:
             self.store.save_snapshots({key: final})
         return result
+
+    def _previous_commits(self, snapshot: Snapshot | None) -> dict[str, str]:
+        """The compare base per GitHub repository: the heads delivered last time, else the full-SHA image
+        tags the snapshot recorded (a baseline resolves nothing, so its first deployment still gets a range)."""
+        if snapshot is None:
+            return {}
+        commits = dict(snapshot.commits)
+        for repository, tag in snapshot.images.items():
+            if not _FULL_SHA.fullmatch(tag):
+                continue
+            try:
+                repo = self.mapper.repository_for(parse_image(repository))
+            except InvalidImageReference:
+                continue
+            if repo is not None:
+                commits.setdefault(repo, tag)
+        return commits
 
     def _deliver_deployment(
         self,
@@ -406,6 +429,7 @@ class Reconciler:
         observation: AppObservation,
         component: str,
         connections: Sequence[ConnectionConfig],
+        previous: Mapping[str, str],
         options: RunOptions,
         deadline: float,
     ) -> tuple[bool, list[str], _AppResult]:
@@ -424,7 +448,7 @@ class Reconciler:
             stats.skipped += 1
             log.warning("no payload could be built", extra={"deployment_id": deployment.id, "reason": str(error)})
             return True, [], stats
-        fingerprint = commit_set_fingerprint(enriched)
+        fingerprint = commit_set_fingerprint(enriched, environment=str(payload["environment"]), previous=previous)
         dedupe_by_component = self.config.devlake.dedupe == "component"
         wanted: list[str] = []
         for connection in connections:

@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
+from reconciler import exitcodes
 from reconciler.application import MalformedApplication
 from reconciler.argocd import ClusterLister, ClusterUnavailable
 from reconciler.config import Config
-from reconciler.exitcodes import CONFIG as EXIT_CONFIG
-from reconciler.exitcodes import LOCKED as EXIT_LOCKED
-from reconciler.exitcodes import OK as EXIT_OK
-from reconciler.exitcodes import RETRY as EXIT_RETRY
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
@@ -83,6 +80,27 @@ def log_summary(summary: RunSummary) -> None:
     log.log(level, "run finished", extra={"summary": summary.as_dict()})
 
 
+def progress_reporter(stream: TextIO) -> Callable[[RunSummary], None]:
+    """A progress line on a terminal (long backfills, first runs over thousands of apps), log lines otherwise."""
+    interactive = stream.isatty()
+
+    def report(summary: RunSummary) -> None:
+        done = summary.deployments_success + summary.deployments_failed
+        if interactive:
+            stream.write(
+                f"\r{summary.apps_listed} apps listed, {done} deployments recorded, {summary.sent} sent, "
+                f"{summary.deployments_deferred} deferred "
+            )
+            stream.flush()
+        else:
+            log.info(
+                "progress",
+                extra={"apps_listed": summary.apps_listed, "deployments": done, "sent": summary.sent},
+            )
+
+    return report
+
+
 def run_command(
     config: Config,
     *,
@@ -92,9 +110,11 @@ def run_command(
     shard: str | None = None,
     since: datetime | None = None,
     stdout: TextIO | None = None,
-    metrics: Metrics | None = None,
     progress: Callable[[RunSummary], None] | None = None,
 ) -> int:
+    from reconciler.metrics import PrometheusMetrics, grouping_key, push
+
+    metrics = PrometheusMetrics()
     options = RunOptions(
         dry_run=dry_run,
         clusters=clusters,
@@ -107,18 +127,24 @@ def run_command(
         runtime.store.ping()
     except StoreUnavailable as error:
         log.error("state store unavailable; nothing was sent", extra={"reason": str(error)})
-        return EXIT_RETRY
+        return exitcodes.RETRY
     try:
-        reconciler = runtime.reconciler(dry_run_output=stdout or sys.stdout, metrics=metrics, progress=progress)
+        reconciler = runtime.reconciler(
+            dry_run_output=stdout or sys.stdout,
+            metrics=metrics,
+            progress=progress or progress_reporter(sys.stderr),
+        )
         try:
             summary = reconciler.run(options, command=command)
         except LockHeld as error:
             log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
-            return EXIT_LOCKED
+            return exitcodes.LOCKED
         except StoreUnavailable as error:
             log.error("state store unavailable; the run stopped", extra={"reason": str(error)})
-            return EXIT_RETRY
+            return exitcodes.RETRY
         log_summary(summary)
+        if not dry_run:
+            push(config, metrics, grouping_key(config, clusters, shard))
         return summary.exit_code
     finally:
         runtime.close()
@@ -159,7 +185,7 @@ def check_command(config: Config, *, stdout: TextIO) -> int:
         store.close()
     for _, line in lines:
         print(line, file=stdout)
-    return EXIT_OK if all(ok for ok, _ in lines) else EXIT_CONFIG
+    return exitcodes.OK if all(ok for ok, _ in lines) else exitcodes.CONFIG
 
 
 def _check_cluster(config: Config, name: str) -> tuple[bool, str]:
@@ -219,14 +245,17 @@ def explain_command(config: Config, application: str, *, clusters: tuple[str, ..
                 print(f"cluster {cluster.name}: unavailable ({error})", file=stdout)
         if not found:
             print(f"{application}: not found in any selected cluster", file=stdout)
-        return EXIT_OK
+        return exitcodes.OK
     finally:
         store.close()
 
 
 def _explain_one(config: Config, store: Store, observation: AppObservation, out: TextIO) -> None:
     key = observation.key
-    p = lambda text="": print(text, file=out)  # noqa: E731
+
+    def p(text: str = "") -> None:
+        print(text, file=out)
+
     p(f"Application {key.qualified_name} in cluster {key.cluster} (uid {observation.uid})")
     selected = config.applications.selects(key.qualified_name)
     p(f"  selected by applications.include/exclude: {'yes' if selected else 'NO'}")
@@ -293,7 +322,7 @@ def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
         store.close()
     if as_json:
         print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
-        return EXIT_OK
+        return exitcodes.OK
     print(f"last {len(runs)} run(s), newest first:", file=stdout)
     for run in runs:
         print(
@@ -310,4 +339,4 @@ def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
             f"HTTP {letter.get('status')} {letter.get('message')}",
             file=stdout,
         )
-    return EXIT_OK
+    return exitcodes.OK
