@@ -183,7 +183,7 @@ class _Planner:
 
         # Rule 7: first run for the cluster, first sight of an app, a new uid, a backfill.
         if policy.initialized_at is None:
-            if policy.first_run == "baseline":
+            if policy.first_run == "baseline" and not policy.backfill:
                 self.notes.append("first run for the cluster: current state recorded as the baseline")
                 return self._quiet(self._baseline(snapshot))
             self.notes.append("first run for the cluster: backfilling the history present")

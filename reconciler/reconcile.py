@@ -461,9 +461,16 @@ class Reconciler:
         for connection in connections:
             sent_marker = _sent_marker(connection.id, deployment.id)
             component_marker = _component_marker(connection.id, component, fingerprint)
-            if sent_marker in existing:
+            already_sent = sent_marker in existing
+            if already_sent and not options.backfill:
                 continue
-            if dedupe_by_component and (component_marker in existing or not self._claim(component_marker)):
+            # A backfill re-sends what this connection already has (an upsert: same id), so DevLake ends up
+            # with every deployment still in Argo CD's history even if it lost some.
+            if (
+                dedupe_by_component
+                and not already_sent
+                and (component_marker in existing or not self._claim(component_marker))
+            ):
                 stats.deduplicated += 1
                 log.info(
                     "same commits of this component already delivered; not sent again",

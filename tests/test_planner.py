@@ -673,6 +673,14 @@ def test_first_run_backfill_emits_every_entry_present_and_respects_since() -> No
     assert recent.deployments[0].deployment_class is DeploymentClass.NEW_REVISION
 
 
+def test_backfill_command_on_a_cluster_never_run_emits_the_history_whatever_first_run_says() -> None:
+    entries = [entry(44, 44, -300), entry(45, 45, -200), entry(46, 46, -100)]
+    app = synced_app(entries, images=[image(46)])
+    result = tick(app, None, at(0), initialized_at=None, first_run="baseline", backfill=True, since=at(-250))
+    assert refs(result) == ["h45", "h46"]
+    assert result.snapshot.last_history_id == 46
+
+
 def test_backfill_command_resends_recorded_entries_without_moving_the_snapshot_back() -> None:
     entries = [entry(44, 44, -300), entry(45, 45, -200), entry(46, 46, -100)]
     app = synced_app(entries, images=[image(46)])
