@@ -25,6 +25,8 @@ from reconciler.application import MalformedApplication, parse_application
 from reconciler.argocd import ClusterLister, ClusterUnavailable
 from reconciler.config import ClusterConfig, Config, ConnectionConfig
 from reconciler.devlake import (
+    CONFIGURATION_STATUSES,
+    Delivery,
     DeliveryOutcome,
     DevLakeClient,
     PayloadError,
@@ -53,6 +55,12 @@ _FULL_SHA = re.compile(r"[0-9a-f]{40}")
 LOCK_TTL_SECONDS = 60
 LOCK_RENEW_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 10.0
+OUTAGE_FAILURES = 5
+"""Deliveries to one connection that may fail (each after its retries) before it is held back for the tick,
+as long as it has accepted none."""
+OCCURRENCES_PROBED = 8
+"""How many earlier occurrences of one change by one Application component dedupe looks up; past that the
+change is sent anyway (a possible duplicate beats a lost deployment)."""
 
 
 class ListerFactory(Protocol):
@@ -129,11 +137,67 @@ class RunSummary:
         return asdict(self)
 
 
+class RetryBudget:
+    """``devlake.retry_budget``: the time one tick may spend on deliveries that needed retries, shared by every
+    worker. Listing and enrichment do not consume it, so a long backfill still has its retries when it sends."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._remaining = max(0.0, seconds)
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    @property
+    def remaining(self) -> float:
+        with self._lock:
+            return max(0.0, self._remaining)
+
+    def deadline(self) -> float:
+        """For ``DevLakeClient.deliver``: retries may wait until the rest of the budget is used up."""
+        return self.clock() + self.remaining
+
+    def spend(self, seconds: float) -> None:
+        with self._lock:
+            self._remaining -= max(0.0, seconds)
+
+
+@dataclass
+class _Target:
+    """One deployment to one connection, with the markers that say it happened."""
+
+    connection: ConnectionConfig
+    sent: str
+    """Written once DevLake answered for good (delivered, or rejected and dead-lettered)."""
+    deduped: str
+    """Written instead of ``sent`` when another Application of the component sends this change."""
+    component: str | None = None
+    """The component-change marker; ``None`` when this delivery is not deduplicated (``dedupe: application``,
+    or a deployment already recorded that a backfill sees again)."""
+
+
+@dataclass
+class _Step:
+    """One planned deployment of an Application, prepared for delivery."""
+
+    deployment: Deployment
+    outcome: EnrichedDeployment | Deferred | Skipped
+    commits: dict[str, str]
+    """The snapshot's ``commits`` once this deployment is recorded."""
+    payload: dict[str, Any] | None = None
+    unsendable: str | None = None
+    """Why no payload could be built (``PayloadError``): recorded without sending, like ``Skipped``."""
+    fingerprint: str | None = None
+    change: str | None = None
+    """This Application's marker for its n-th occurrence of the change, written once the deployment is recorded."""
+    targets: list[_Target] = field(default_factory=list)
+
+
 @dataclass
 class _AppWork:
     observation: AppObservation
     snapshot: Snapshot | None
     plan: Plan
+    component: str = ""
+    steps: list[_Step] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +211,12 @@ class _AppResult:
     retry_later: int = 0
     dead_lettered: int = 0
     errors: list[str] = field(default_factory=list)
+
+    def add(self, other: _AppResult) -> None:
+        self.sent += other.sent
+        self.retry_later += other.retry_later
+        self.dead_lettered += other.dead_lettered
+        self.deduplicated += other.deduplicated
 
 
 class Reconciler:
@@ -165,6 +235,8 @@ class Reconciler:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         stop: threading.Event | None = None,
         progress: Callable[[RunSummary], None] | None = None,
+        progress_every: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.store = store
@@ -179,39 +251,55 @@ class Reconciler:
         self.clock = clock
         self.stop = stop or threading.Event()
         self.progress = progress
-        self._claims: set[str] = set()
-        self._claims_lock = threading.Lock()
+        self.progress_every = PROGRESS_EVERY_SECONDS if progress_every is None else progress_every
+        """Seconds between two ``progress`` calls (checked after each page of Applications)."""
+        self.monotonic = monotonic
+        self._claims: dict[str, str] = {}
+        """Component-change marker -> the deployment id that sends it this tick (the first in listing order)."""
+        self._down: dict[int, str] = {}
+        """Connections that will not be tried again this tick, with the reason."""
+        self._answered: set[int] = set()
+        """Connections that accepted (or rejected for good) a deployment this tick."""
+        self._failures: dict[int, int] = {}
+        self._locks: list[RunLock] = []
+        self._state_lock = threading.Lock()
         self._output_lock = threading.Lock()
 
     # -- the run -------------------------------------------------------------------------------------
 
     def run(self, options: RunOptions, command: str = "run") -> RunSummary:
         """One pass over every selected cluster. Raises ``LockHeld`` when another run holds a cluster."""
-        started = time.monotonic()
+        started = self.monotonic()
         summary = RunSummary(run_id=uuid.uuid4().hex[:12], command=command, started_at=format_time(self.clock()))
         clusters = self._selected_clusters(options)
         self.github.reset_tick()
         self._claims.clear()
-        deadline = time.monotonic() + self.config.devlake.retry_budget.total_seconds()
+        self._down.clear()
+        self._answered.clear()
+        self._failures.clear()
+        self._locks = []
+        budget = RetryBudget(self.config.devlake.retry_budget.total_seconds(), self.monotonic)
         with ExitStack() as locks:
             if not options.dry_run:
                 suffix = f":{options.shard.index}of{options.shard.count}" if options.shard else ""
                 for cluster in sorted(clusters, key=lambda c: c.name):
-                    locks.enter_context(
-                        RunLock(
-                            self.store,
-                            f"run:{cluster.name}{suffix}",
-                            owner=summary.run_id,
-                            ttl_seconds=LOCK_TTL_SECONDS,
-                            renew_every=LOCK_RENEW_SECONDS,
+                    self._locks.append(
+                        locks.enter_context(
+                            RunLock(
+                                self.store,
+                                f"run:{cluster.name}{suffix}",
+                                owner=summary.run_id,
+                                ttl_seconds=LOCK_TTL_SECONDS,
+                                renew_every=LOCK_RENEW_SECONDS,
+                            )
                         )
                     )
             for cluster in clusters:
-                if self.stop.is_set():
+                if self._halted():
                     summary.errors.append("stopped before every cluster was reconciled")
                     break
                 try:
-                    self._run_cluster(cluster, options, summary, deadline)
+                    self._run_cluster(cluster, options, summary, budget)
                 except ClusterUnavailable as error:
                     summary.errors.append(f"cluster {cluster.name}: {error}")
                     log.error("cluster unavailable", extra={"cluster": cluster.name, "reason": str(error)})
@@ -219,12 +307,14 @@ class Reconciler:
                     summary.errors.append(f"state store unavailable: {error}")
                     log.error("state store unavailable; stopping the tick", extra={"reason": str(error)})
                     break
+            if self._lock_lost():
+                summary.errors.append("the run lock was lost: stopped sending, the rest is left to the next run")
         summary.github_requests = self.github.requests
         summary.rate_limit_remaining = self.github.rate_limit_remaining
         reset = self.github.rate_limit_reset
         summary.rate_limit_reset = format_time(reset) if reset else None
         summary.finished_at = format_time(self.clock())
-        summary.seconds = round(time.monotonic() - started, 3)
+        summary.seconds = round(self.monotonic() - started, 3)
         failed = summary.errors or summary.retry_later or summary.deployments_deferred
         summary.exit_code = 1 if failed else 0
         if not options.dry_run:
@@ -244,24 +334,33 @@ class Reconciler:
             raise ValueError(f"unknown cluster(s): {', '.join(unknown)}")
         return [c for c in self.config.clusters if c.name in options.clusters]
 
+    def _lock_lost(self) -> bool:
+        return any(lock.lost for lock in self._locks)
+
+    def _halted(self) -> bool:
+        """Stop sending: asked to stop (SIGTERM), or the run lock was lost and another run may be sending."""
+        return self.stop.is_set() or self._lock_lost()
+
     # -- one cluster ---------------------------------------------------------------------------------
 
-    def _run_cluster(self, cluster: ClusterConfig, options: RunOptions, summary: RunSummary, deadline: float) -> None:
+    def _run_cluster(
+        self, cluster: ClusterConfig, options: RunOptions, summary: RunSummary, budget: RetryBudget
+    ) -> None:
         now = self.clock()
         initialized_at = self.store.initialized_at(cluster.name)
         policy = planner_policy(self.config, initialized_at, options)
         seen: set[AppKey] = set()
-        last_progress = time.monotonic()
+        last_progress = self.monotonic()
         for page in self.lister_factory(cluster).pages():
             observations = self._parse_page(page, cluster.name, options, summary)
             seen.update(observation.key for observation in observations)
-            self._process_page(observations, policy, now, options, summary, deadline)
-            if self.stop.is_set():
+            self._process_page(observations, policy, now, options, summary, budget)
+            if self._halted():
                 summary.errors.append(f"cluster {cluster.name}: stopped before the listing was finished")
                 return
-            if self.progress and time.monotonic() - last_progress >= PROGRESS_EVERY_SECONDS:
+            if self.progress and self.monotonic() - last_progress >= self.progress_every:
                 self.progress(summary)
-                last_progress = time.monotonic()
+                last_progress = self.monotonic()
         if options.dry_run:
             return
         self._forget_unlisted(cluster.name, seen, options.shard, now)
@@ -298,7 +397,7 @@ class Reconciler:
         now: datetime,
         options: RunOptions,
         summary: RunSummary,
-        deadline: float,
+        budget: RetryBudget,
     ) -> None:
         if not observations:
             return
@@ -323,13 +422,22 @@ class Reconciler:
         outcomes = self.enricher.enrich_many(
             [(work.plan.deployments, self._previous_commits(work.snapshot)) for work in busy]
         )
-        with ThreadPoolExecutor(max_workers=self.config.devlake.max_concurrency) as pool:
-            results = list(
-                pool.map(
-                    lambda pair: self._deliver_app(pair[0], pair[1], options, deadline),
-                    zip(busy, outcomes, strict=True),
-                )
-            )
+        works: list[_AppWork] = []
+        for work, app_outcomes in zip(busy, outcomes, strict=True):
+            try:
+                self._prepare(work, app_outcomes)
+            except Exception as error:
+                key = work.observation.key
+                log.exception("could not prepare the deliveries; retrying next run", extra={"app": str(key)})
+                summary.errors.append(f"{key}: internal error while preparing deliveries ({type(error).__name__})")
+                continue
+            works.append(work)
+        if not works:
+            return
+        existing = self._assign(works)
+        workers = min(self.config.devlake.max_concurrency, len(works))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deliver") as pool:
+            results = list(pool.map(lambda work: self._deliver_app_isolated(work, existing, options, budget), works))
         for result in results:
             summary.deployments_success += result.success
             summary.deployments_failed += result.failed
@@ -341,51 +449,153 @@ class Reconciler:
             summary.dead_lettered += result.dead_lettered
             summary.errors.extend(result.errors)
 
-    # -- one application -----------------------------------------------------------------------------
+    # -- preparing a page's deliveries ---------------------------------------------------------------
 
-    def _deliver_app(
-        self,
-        work: _AppWork,
-        outcomes: Sequence[EnrichedDeployment | Deferred | Skipped],
-        options: RunOptions,
-        deadline: float,
-    ) -> _AppResult:
-        """Deliver an Application's deployments strictly in order; stop at the first that cannot go out."""
-        result = _AppResult()
-        if self.stop.is_set():
-            result.deferred += len(work.plan.deployments)
-            return result
+    def _prepare(self, work: _AppWork, outcomes: Sequence[EnrichedDeployment | Deferred | Skipped]) -> None:
+        """Build each deployment's payload and change fingerprint, carrying the compare base forward as the
+        deliveries will (a held-back deployment stops the Application, so what follows it never runs)."""
         observation = work.observation
         key = observation.key
-        component = self.config.applications.component_of(key.name, observation.labels)
-        connections = self.router.connections_for(key, component)
+        work.component = self.config.applications.component_of(key.name, observation.labels)
+        source_paths = [s.path for s in observation.sources if s.path]
+        commits = self._previous_commits(work.snapshot)
+        for deployment, outcome in zip(work.plan.deployments, outcomes, strict=True):
+            step = _Step(deployment, outcome, dict(commits))
+            work.steps.append(step)
+            if not isinstance(outcome, EnrichedDeployment):
+                continue
+            try:
+                step.payload = build_payload(
+                    outcome,
+                    config=self.config,
+                    component=work.component,
+                    destination=observation.destination,
+                    source_paths=source_paths,
+                )
+            except PayloadError as error:
+                step.unsendable = error.reason
+            else:
+                step.fingerprint = commit_set_fingerprint(
+                    outcome, environment=str(step.payload["environment"]), previous=commits
+                )
+            commits.update(outcome.deployed_commits)
+            step.commits = dict(commits)
+
+    def _assign(self, works: Sequence[_AppWork]) -> set[str]:
+        """Decide every delivery's markers for a page in two batched store reads, and give each component
+        change to the first Application in listing order that makes it this tick, so that who sends it does
+        not depend on thread timing (the same ids after a crash or a wiped store). Returns the markers
+        already in the store."""
+        dedupe = self.config.devlake.dedupe == "component"
+        probes: list[str] = []
+        for work in works:
+            connections = self.router.connections_for(work.observation.key, work.component)
+            for step in work.steps:
+                if step.payload is None:
+                    continue
+                for connection in connections:
+                    target = _Target(
+                        connection,
+                        _sent_marker(connection.id, step.deployment.id),
+                        _deduped_marker(connection.id, step.deployment.id),
+                    )
+                    step.targets.append(target)
+                    probes += [target.sent, target.deduped]
+                if dedupe and step.fingerprint is not None:
+                    probes += [
+                        _change_marker(work.observation, step.fingerprint, occurrence)
+                        for occurrence in range(1, OCCURRENCES_PROBED + 1)
+                    ]
+        existing = self.store.existing_markers(probes) if probes else set()
+        if not dedupe:
+            return existing
+        components: list[str] = []
+        for work in works:
+            in_this_tick: dict[str, int] = {}
+            for step in work.steps:
+                fingerprint = step.fingerprint
+                if fingerprint is None or not step.targets:
+                    continue
+                if all(target.sent in existing or target.deduped in existing for target in step.targets):
+                    continue  # recorded before (a backfill sees it again): its occurrence is already counted
+                earlier = 0
+                while (
+                    earlier < OCCURRENCES_PROBED
+                    and _change_marker(work.observation, fingerprint, earlier + 1) in existing
+                ):
+                    earlier += 1
+                occurrence = earlier + in_this_tick.get(fingerprint, 0) + 1
+                in_this_tick[fingerprint] = in_this_tick.get(fingerprint, 0) + 1
+                if earlier == OCCURRENCES_PROBED:
+                    continue
+                step.change = _change_marker(work.observation, fingerprint, occurrence)
+                for target in step.targets:
+                    target.component = _component_marker(target.connection.id, work.component, fingerprint, occurrence)
+                    components.append(target.component)
+        if components:
+            existing |= self.store.existing_markers(components)
+        with self._state_lock:
+            for work in works:
+                for step in work.steps:
+                    for target in step.targets:
+                        if target.component is None or _handled(target, existing) or target.component in existing:
+                            continue
+                        self._claims.setdefault(target.component, step.deployment.id)
+        return existing
+
+    # -- one application -----------------------------------------------------------------------------
+
+    def _deliver_app_isolated(
+        self, work: _AppWork, existing: set[str], options: RunOptions, budget: RetryBudget
+    ) -> _AppResult:
+        """A bug met while delivering one Application holds back that Application only."""
+        try:
+            return self._deliver_app(work, existing, options, budget)
+        except StoreUnavailable:
+            raise
+        except Exception as error:
+            key = work.observation.key
+            log.exception("delivery failed unexpectedly; retrying next run", extra={"app": str(key)})
+            return _AppResult(errors=[f"{key}: internal error while delivering ({type(error).__name__})"])
+
+    def _deliver_app(self, work: _AppWork, existing: set[str], options: RunOptions, budget: RetryBudget) -> _AppResult:
+        """Deliver an Application's deployments strictly in order; stop at the first that cannot go out.
+
+        After each deployment its snapshot and its markers are written in one transaction, so a crash
+        anywhere leaves either "not sent" (sent again under the same id: an upsert) or "sent and recorded".
+        """
+        result = _AppResult()
+        key = work.observation.key
         commits = self._previous_commits(work.snapshot)
         saved = work.snapshot
-        for index, (deployment, outcome) in enumerate(zip(work.plan.deployments, outcomes, strict=True)):
+        total = len(work.steps)
+        for index, step in enumerate(work.steps):
+            deployment, outcome = step.deployment, step.outcome
+            if self._halted():
+                result.deferred += total - index
+                return result
             if isinstance(outcome, Deferred):
-                result.deferred += len(work.plan.deployments) - index
+                result.deferred += total - index
                 log.warning(
                     "deployment deferred to the next run",
                     extra={"app": str(key), "deployment_id": deployment.id, "reason": outcome.reason},
                 )
                 return result
-            if isinstance(outcome, Skipped):
+            payload = step.payload
+            if isinstance(outcome, Skipped) or payload is None:
+                reason = outcome.reason if isinstance(outcome, Skipped) else step.unsendable
                 result.skipped += 1
                 log.warning(
                     "deployment has no commit DevLake can take; recorded without sending",
-                    extra={"app": str(key), "deployment_id": deployment.id, "reason": outcome.reason},
+                    extra={"app": str(key), "deployment_id": deployment.id, "reason": reason},
                 )
+                commits = step.commits
                 saved = deployment.snapshot_after.evolve(commits=dict(commits))
                 if not options.dry_run:
                     self.store.record_delivery(key, saved, [])
                 continue
-            delivered, markers, stats = self._deliver_deployment(
-                outcome, observation, component, connections, commits, options, deadline
-            )
-            result.sent += stats.sent
-            result.retry_later += stats.retry_later
-            result.dead_lettered += stats.dead_lettered
-            result.deduplicated += stats.deduplicated
+            delivered, markers, stats = self._deliver_step(step, payload, existing, options, budget)
+            result.add(stats)
             if not delivered:
                 if markers and saved is not None and not options.dry_run:
                     self.store.record_delivery(key, saved, markers)
@@ -395,7 +605,9 @@ class Reconciler:
                 result.success += 1
             else:
                 result.failed += 1
-            commits.update(outcome.deployed_commits)
+            if step.change is not None:
+                markers.append(step.change)
+            commits = step.commits
             saved = deployment.snapshot_after.evolve(commits=dict(commits))
             if not options.dry_run:
                 self.store.record_delivery(key, saved, markers)
@@ -423,81 +635,78 @@ class Reconciler:
                 commits.setdefault(repo, tag)
         return commits
 
-    def _deliver_deployment(
+    def _deliver_step(
         self,
-        enriched: EnrichedDeployment,
-        observation: AppObservation,
-        component: str,
-        connections: Sequence[ConnectionConfig],
-        previous: Mapping[str, str],
+        step: _Step,
+        payload: Mapping[str, Any],
+        existing: set[str],
         options: RunOptions,
-        deadline: float,
+        budget: RetryBudget,
     ) -> tuple[bool, list[str], _AppResult]:
         """Send one deployment to each of its connections. Returns (all done, markers to record, counts)."""
         stats = _AppResult()
-        deployment = enriched.deployment
-        try:
-            payload = build_payload(
-                enriched,
-                config=self.config,
-                component=component,
-                destination=observation.destination,
-                source_paths=[s.path for s in observation.sources if s.path],
-            )
-        except PayloadError as error:
-            stats.skipped += 1
-            log.warning("no payload could be built", extra={"deployment_id": deployment.id, "reason": str(error)})
-            return True, [], stats
-        fingerprint = commit_set_fingerprint(enriched, environment=str(payload["environment"]), previous=previous)
-        dedupe_by_component = self.config.devlake.dedupe == "component"
-        wanted: list[str] = []
-        for connection in connections:
-            wanted.append(_sent_marker(connection.id, deployment.id))
-            if dedupe_by_component:
-                wanted.append(_component_marker(connection.id, component, fingerprint))
-        existing = self.store.existing_markers(wanted)
+        deployment = step.deployment
         markers: list[str] = []
         all_done = True
-        for connection in connections:
-            sent_marker = _sent_marker(connection.id, deployment.id)
-            component_marker = _component_marker(connection.id, component, fingerprint)
-            already_sent = sent_marker in existing
-            if already_sent and not options.backfill:
+        for target in step.targets:
+            connection = target.connection
+            if target.deduped in existing:
                 continue
             # A backfill re-sends what this connection already has (an upsert: same id), so DevLake ends up
             # with every deployment still in Argo CD's history even if it lost some.
+            already_sent = target.sent in existing
+            if already_sent and not options.backfill:
+                continue
             if (
-                dedupe_by_component
-                and not already_sent
-                and (component_marker in existing or not self._claim(component_marker))
+                not already_sent
+                and target.component is not None
+                and (target.component in existing or self._claim_holder(target.component) != deployment.id)
             ):
                 stats.deduplicated += 1
+                holder = self._claim_holder(target.component)
                 log.info(
-                    "same commits of this component already delivered; not sent again",
-                    extra={"deployment_id": deployment.id, "connection": connection.id, "component": component},
+                    "another Application of this component sends the same change; not sent again",
+                    extra={
+                        "deployment_id": deployment.id,
+                        "connection": connection.id,
+                        "app": str(deployment.key),
+                        "reason": f"sent as {holder}" if holder else "already in DevLake",
+                    },
                 )
-                markers.append(sent_marker)
+                markers.append(target.deduped)
                 continue
             if options.dry_run:
                 self._print_dry_run(connection.id, payload)
                 stats.sent += 1
                 continue
-            delivery = self.devlake.deliver(connection, payload, deadline)
+            down = self._connection_down(connection.id)
+            if down is not None:
+                stats.retry_later += 1
+                all_done = False
+                log.warning(
+                    "connection held back for the rest of this run; will retry next run",
+                    extra={"deployment_id": deployment.id, "connection": connection.id, "reason": down},
+                )
+                continue
+            began = budget.clock()
+            delivery = self.devlake.deliver(connection, payload, budget.deadline())
+            if delivery.attempts > 1:
+                budget.spend(budget.clock() - began)
+            self._note_answer(connection.id, delivery)
             if self.metrics:
                 self.metrics.delivery(connection.id, delivery.outcome.value)
             if delivery.outcome is DeliveryOutcome.DELIVERED:
                 stats.sent += 1
-                markers.append(sent_marker)
-                if dedupe_by_component:
-                    markers.append(component_marker)
+                markers.append(target.sent)
+                if target.component is not None:
+                    markers.append(target.component)
             elif delivery.outcome is DeliveryOutcome.REJECTED:
                 stats.dead_lettered += 1
-                markers.append(sent_marker)
+                markers.append(target.sent)
                 self._dead_letter(connection.id, deployment, payload, delivery.status, delivery.message)
             else:
                 stats.retry_later += 1
                 all_done = False
-                self._release(component_marker)
                 log.warning(
                     "delivery failed; will retry next run",
                     extra={
@@ -508,6 +717,40 @@ class Reconciler:
                     },
                 )
         return all_done, markers, stats
+
+    def _note_answer(self, connection_id: int, delivery: Delivery) -> None:
+        """Hold a connection back for the rest of the tick once trying it again cannot help: DevLake refused its
+        key or id (an operator's fix), or it has failed ``OUTAGE_FAILURES`` deliveries, each after its retries,
+        without accepting one this tick (an outage: the rest would only spend time failing). One failing
+        payload among successful ones never holds a connection back."""
+        if delivery.outcome is not DeliveryOutcome.RETRY_LATER:
+            with self._state_lock:
+                self._answered.add(connection_id)
+            return
+        if delivery.status in CONFIGURATION_STATUSES or delivery.attempts == 0:
+            reason = f"configuration refused: {delivery.message}"
+        else:
+            with self._state_lock:
+                self._failures[connection_id] = failures = self._failures.get(connection_id, 0) + 1
+                if connection_id in self._answered or failures < OUTAGE_FAILURES:
+                    return
+            reason = f"{failures} deliveries failed and none succeeded: {delivery.message}"
+        with self._state_lock:
+            if connection_id in self._down:
+                return
+            self._down[connection_id] = reason
+        log.error(
+            "DevLake connection held back for the rest of this run",
+            extra={"connection": connection_id, "status": delivery.status, "reason": reason},
+        )
+
+    def _connection_down(self, connection_id: int) -> str | None:
+        with self._state_lock:
+            return self._down.get(connection_id)
+
+    def _claim_holder(self, marker: str) -> str | None:
+        with self._state_lock:
+            return self._claims.get(marker)
 
     def _dead_letter(
         self, connection_id: int, deployment: Deployment, payload: Mapping[str, Any], status: int | None, message: str
@@ -535,18 +778,6 @@ class Reconciler:
         with self._output_lock:
             if self.dry_run_output is not None:
                 print(line, file=self.dry_run_output, flush=True)
-
-    def _claim(self, marker: str) -> bool:
-        """Within one tick, only one Application may send a given component commit set to a connection."""
-        with self._claims_lock:
-            if marker in self._claims:
-                return False
-            self._claims.add(marker)
-            return True
-
-    def _release(self, marker: str) -> None:
-        with self._claims_lock:
-            self._claims.discard(marker)
 
     # -- housekeeping --------------------------------------------------------------------------------
 
@@ -585,8 +816,26 @@ def _sent_marker(connection_id: int, deployment_id: str) -> str:
     return f"sent:{connection_id}:{deployment_id}"
 
 
-def _component_marker(connection_id: int, component: str, fingerprint: str) -> str:
-    return f"component:{connection_id}:{component}:{fingerprint}"
+def _deduped_marker(connection_id: int, deployment_id: str) -> str:
+    return f"deduped:{connection_id}:{deployment_id}"
+
+
+def _handled(target: _Target, existing: set[str]) -> bool:
+    return target.sent in existing or target.deduped in existing
+
+
+def _component_marker(connection_id: int, component: str, fingerprint: str, occurrence: int) -> str:
+    """The n-th time this component made this change, as delivered to a connection (the first keeps the
+    short form)."""
+    base = f"component:{connection_id}:{component}:{fingerprint}"
+    return base if occurrence == 1 else f"{base}:{occurrence}"
+
+
+def _change_marker(observation: AppObservation, fingerprint: str, occurrence: int) -> str:
+    """An Application made this change for the n-th time. Counting lets a roll-forward after a rollback (the
+    same change again) go out, while a second Application making a change already sent is deduplicated."""
+    key = observation.key
+    return f"change:{key.cluster}:{key.namespace}:{key.name}:{observation.uid[:8]}:{fingerprint}:{occurrence}"
 
 
 def _raw_name(raw: Any) -> str:
@@ -607,4 +856,4 @@ def iter_observations(lister: ClusterLister, cluster: str) -> Iterator[AppObserv
                 yield error
 
 
-__all__ = ["LockHeld", "Reconciler", "RunOptions", "RunSummary", "Shard"]
+__all__ = ["LockHeld", "Reconciler", "RetryBudget", "RunOptions", "RunSummary", "Shard"]
