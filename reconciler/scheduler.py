@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, tzinfo
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
+from apscheduler.events import EVENT_SCHEDULER_STARTED
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,19 +24,107 @@ from reconciler import exitcodes
 from reconciler.config import Config
 from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
-from reconciler.reconcile import RunOptions
-from reconciler.runtime import Runtime, log_summary
+from reconciler.reconcile import RunOptions, RunSummary
+from reconciler.runtime import Runtime, log_summary, progress_reporter
 from reconciler.store import LockHeld, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 MISFIRE_GRACE_SECONDS = 300
+"""A pass that could not start on time (the previous one still running, a GC pause) still runs within this."""
 STOP_GRACE_SECONDS = 25.0
 """How long a stop waits for the pass in hand; keep it under the pod's terminationGracePeriodSeconds."""
+DEFAULT_HOST = "0.0.0.0"
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+# -- the schedule --------------------------------------------------------------------------------------
+
+
+def cron_trigger(expression: str, timezone: tzinfo = UTC) -> BaseTrigger:
+    """A trigger for a standard five-field crontab expression, read the way cron (and a CronJob) reads it.
+
+    APScheduler 3.x's ``CronTrigger.from_crontab`` differs from cron twice: it numbers weekdays from
+    0 = Monday (cron: 0 or 7 = Sunday), so ``0 9 * * 1-5`` would run Tuesday to Saturday; and it requires
+    both day fields to match, where cron runs when either does if both are restricted (``0 0 1 * 1``:
+    the 1st of each month and every Monday). Weekdays are translated to names here and the two day
+    fields become an ``OrTrigger`` when both are restricted. Raises ``ValueError`` with the reason.
+    """
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"a cron schedule has 5 fields (minute hour day month weekday), got {expression!r}")
+    minute, hour, day, month, weekday = fields
+    weekdays = _weekday_names(weekday)
+
+    def build(day_of_month: str, day_of_week: str) -> CronTrigger:
+        return CronTrigger(
+            minute=minute, hour=hour, day=day_of_month, month=month, day_of_week=day_of_week, timezone=timezone
+        )
+
+    try:
+        if not day.startswith("*") and not weekday.startswith("*"):
+            return OrTrigger([build(day, "*"), build("*", weekdays)])
+        return build(day, weekdays)
+    except ValueError as error:
+        raise ValueError(f"invalid cron schedule {expression!r}: {error}") from None
+
+
+def _weekday_names(field: str) -> str:
+    """Cron's weekday field (numbers 0-7 with 0 and 7 Sunday, or names; lists, ranges, steps) as names."""
+    if field == "*":
+        return "*"
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        step = _number(step_text, "step") if step_text else 1
+        if step < 1:
+            raise ValueError(f"weekday step must be at least 1 in {field!r}")
+        if span == "*":
+            first, last = 0, 6
+        elif "-" in span:
+            start, _, end = span.partition("-")
+            first, last = _weekday(start, field), _weekday(end, field)
+            if first > last:
+                raise ValueError(f"weekday range {span!r} runs backwards in {field!r}")
+        else:
+            first = _weekday(span, field)
+            last = 6 if step_text else first
+        days.update(day % 7 for day in range(first, last + 1, step))
+    return ",".join(_WEEKDAYS[day] for day in sorted(days))
+
+
+def _weekday(text: str, field: str) -> int:
+    lowered = text.lower()
+    if lowered in _WEEKDAYS:
+        return _WEEKDAYS.index(lowered)
+    value = _number(text, "weekday")
+    if not 0 <= value <= 7:
+        raise ValueError(f"weekday {text!r} is not 0-7 or sun-sat in {field!r}")
+    return value
+
+
+def _number(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} {text!r} is not a number")
+    return int(text)
+
+
+def build_trigger(config: Config) -> BaseTrigger:
+    """The trigger ``serve`` runs on: the config's ``schedule``, in UTC."""
+    return cron_trigger(config.schedule, UTC)
+
+
+# -- the service ---------------------------------------------------------------------------------------
 
 
 class Service:
-    """The long-running process: one scheduler, one HTTP endpoint, one stop flag checked between Applications."""
+    """The long-running process: one scheduler, one HTTP endpoint, one stop flag checked between Applications.
+
+    Signals only set the stop flag: the scheduler is shut down from a thread of its own, because the
+    signal handler runs on the main thread at any point, possibly inside the scheduler while it holds
+    a lock that ``shutdown()`` needs.
+    """
 
     def __init__(
         self,
@@ -40,82 +133,135 @@ class Service:
         runtime: Runtime | None = None,
         metrics: PrometheusMetrics | None = None,
         trigger: BaseTrigger | None = None,
+        host: str = DEFAULT_HOST,
         port: int | None = None,
+        on_pass_finished: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
+        self.trigger = trigger or build_trigger(config)
         self.runtime = runtime or Runtime.open(config)
-        self.metrics = metrics or PrometheusMetrics()
-        self.trigger = trigger or CronTrigger.from_crontab(config.schedule, timezone=UTC)
+        self.metrics = metrics or PrometheusMetrics.for_config(config)
+        self.host = host
         self.port = config.metrics.port if port is None else port
+        self.on_pass_finished = on_pass_finished
+        """Called at the end of every pass, in the pass's thread, with its exit code (tests, embedding)."""
         self.stop = threading.Event()
-        self.ticks = 0
-        self.last_finished: datetime | None = None
+        """Set by SIGTERM/SIGINT or :meth:`request_stop`: the pass in hand winds down at the next Application."""
+        self.passes = 0
         self.last_exit_code: int | None = None
+        self.started_at = datetime.now(UTC)
+        self.last_finished: datetime | None = None
+        self._pass_started: datetime | None = None
+        self._heartbeat: datetime | None = None
+        self._stopping = False
         self._idle = threading.Event()
         self._idle.set()
+        self._pass_lock = threading.Lock()
+        self._lifecycle_lock = threading.Lock()
         self._scheduler = BlockingScheduler(
             timezone=UTC,
+            executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_SECONDS},
         )
         self._http: ThreadingHTTPServer | None = None
+        self._progress = progress_reporter(sys.stderr, interactive=False)
 
     # -- one pass ------------------------------------------------------------------------------------
 
     def tick(self) -> int:
         """One pass, exactly like ``run``; never raises, so one bad pass does not stop the schedule."""
-        if self.stop.is_set():
-            return exitcodes.OK
-        self._idle.clear()
+        with self._pass_lock:
+            if self.stop.is_set():
+                return exitcodes.OK
+            self._idle.clear()
+            self._pass_started = self._heartbeat = datetime.now(UTC)
+        code = exitcodes.RETRY
         try:
-            reconciler = self.runtime.reconciler(metrics=self.metrics, stop=self.stop)
+            code = self._pass()
+        finally:
+            self.passes += 1
+            self.last_exit_code = code
+            self.last_finished = datetime.now(UTC)
+            self._pass_started = None
+            try:
+                if self.on_pass_finished is not None:
+                    self.on_pass_finished(code)
+            finally:
+                self._idle.set()
+        return code
+
+    def _pass(self) -> int:
+        try:
+            reconciler = self.runtime.reconciler(metrics=self.metrics, stop=self.stop, progress=self._on_progress)
             summary = reconciler.run(RunOptions(), command="serve")
-            log_summary(summary)
-            code = summary.exit_code
         except LockHeld as error:
             log.warning("another run holds the lock; skipping this pass", extra={"reason": str(error)})
-            code = exitcodes.LOCKED
+            self.metrics.run_aborted(exitcodes.LOCKED)
+            return exitcodes.LOCKED
         except StoreUnavailable as error:
             log.error("state store unavailable; skipping this pass", extra={"reason": str(error)})
-            code = exitcodes.RETRY
+            self.metrics.run_aborted(exitcodes.RETRY)
+            return exitcodes.RETRY
         except Exception:
             log.exception("the pass failed unexpectedly; the next one will retry")
-            code = exitcodes.RETRY
-        finally:
-            self.ticks += 1
-            self.last_finished = datetime.now(UTC)
-            self._idle.set()
-        self.last_exit_code = code
-        return code
+            self.metrics.run_aborted(exitcodes.RETRY)
+            return exitcodes.RETRY
+        log_summary(summary)
+        return summary.exit_code
+
+    def _on_progress(self, summary: RunSummary) -> None:
+        self._heartbeat = datetime.now(UTC)
+        self._progress(summary)
 
     # -- health --------------------------------------------------------------------------------------
 
-    def health(self) -> tuple[bool, str]:
-        """Unhealthy only when passes stopped happening: a pass that found work to retry is still healthy."""
+    def health(self, now: datetime | None = None) -> tuple[bool, str]:
+        """Unhealthy only when passes stopped happening; a pass that found work to retry is still healthy.
+
+        From the last sign of life (the process starting, a pass finishing, or the pass in progress
+        reporting a page of Applications), a pass is due at the next fire time; one may be skipped
+        (the previous pass still running), so the second fire time plus the misfire grace is the limit.
+        """
+        now = now or datetime.now(UTC)
         if self.stop.is_set():
             return False, "stopping"
-        if self.last_finished is None:
+        running_since, heartbeat, last = self._pass_started, self._heartbeat, self.last_finished
+        if running_since is not None and heartbeat is not None:
+            if now > self._deadline_after(heartbeat):
+                return False, f"the pass running since {format_time(running_since)} stopped reporting progress"
+            return True, f"a pass is running since {format_time(running_since)}"
+        if last is None:
+            if now > self._deadline_after(self.started_at):
+                return False, f"no pass ran since the process started at {format_time(self.started_at)}"
             return True, "waiting for the first pass"
-        now = datetime.now(UTC)
-        following = self.trigger.get_next_fire_time(self.last_finished, self.last_finished)
-        allowed = timedelta(seconds=MISFIRE_GRACE_SECONDS) * 2
-        if following is not None:
-            allowed += max(following - self.last_finished, timedelta(0)) * 2
-        if now - self.last_finished > allowed:
-            return False, f"no pass finished since {format_time(self.last_finished)}"
-        return True, f"last pass finished {format_time(self.last_finished)} with exit code {self.last_exit_code}"
+        if now > self._deadline_after(last):
+            return False, f"no pass since {format_time(last)}"
+        return True, f"last pass finished {format_time(last)} with exit code {self.last_exit_code}"
+
+    def _deadline_after(self, moment: datetime) -> datetime:
+        grace = timedelta(seconds=MISFIRE_GRACE_SECONDS)
+        first: datetime | None = self.trigger.get_next_fire_time(None, moment)
+        if first is None:
+            return datetime.max.replace(tzinfo=UTC)
+        second: datetime | None = self.trigger.get_next_fire_time(first, first)
+        return (second or first) + grace
+
+    # -- HTTP ----------------------------------------------------------------------------------------
 
     def serve_http(self) -> ThreadingHTTPServer:
+        """``/metrics`` (Prometheus text format) and ``/healthz`` (200, or 503 with the reason)."""
         service = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] == "/metrics":
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
                     body, status, kind = generate_latest(service.metrics.registry), 200, CONTENT_TYPE_LATEST
-                elif self.path.split("?", 1)[0] == "/healthz":
+                elif path == "/healthz":
                     ok, message = service.health()
                     body, status, kind = (message + "\n").encode(), 200 if ok else 503, "text/plain; charset=utf-8"
                 else:
-                    body, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+                    body, status, kind = b"not found: try /metrics or /healthz\n", 404, "text/plain; charset=utf-8"
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
@@ -125,7 +271,7 @@ class Service:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("0.0.0.0", self.port), Handler)
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._http = server
@@ -135,37 +281,79 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        """SIGTERM/SIGINT: stop scheduling, let the pass in hand finish its current Application and save."""
-        if self.stop.is_set():
+        """Stop scheduling; the pass in hand finishes its current Application, saves, and the process exits."""
+        if self._stopping:
             return
-        log.info("stop requested; finishing the Application in hand")
+        self._stopping = True
         self.stop.set()
-        if self._scheduler.running:
-            self._scheduler.shutdown(wait=False)
 
     def run(self) -> int:
-        """Blocks until stopped. Installs the signal handlers, so call it from the main thread."""
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self.serve_http()
-        self._scheduler.add_job(self.tick, self.trigger, id="reconcile", name="reconcile")
-        first = self.trigger.get_next_fire_time(None, datetime.now(UTC))
-        log.info("serving", extra={"schedule": self.config.schedule, "port": self.port, "next": str(first)})
+        """Blocks until stopped, then returns 0. Installs the signal handlers, so call it from the main thread."""
         try:
-            self._scheduler.start()
-        finally:
-            self._idle.wait(timeout=STOP_GRACE_SECONDS)
-            if self._http is not None:
-                self._http.shutdown()
-                self._http.server_close()
+            self.serve_http()
+        except OSError as error:
+            log.error("cannot listen for /metrics and /healthz", extra={"port": self.port, "reason": str(error)})
             self.runtime.close()
+            return exitcodes.CONFIG
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            threading.Thread(target=self._shutdown_when_stopped, name="scheduler-stop", daemon=True).start()
+            self._scheduler.add_listener(self._on_scheduler_started, EVENT_SCHEDULER_STARTED)
+            self._scheduler.add_job(self.tick, self.trigger, id="reconcile", name="reconcile")
+            first = self.trigger.get_next_fire_time(None, datetime.now(UTC))
+            log.info(
+                "serving",
+                extra={
+                    "schedule": self.config.schedule,
+                    "port": self.port,
+                    "next_pass": format_time(first) if first else None,
+                },
+            )
+            if not self.stop.is_set():
+                self._scheduler.start()
+        finally:
+            self._wind_down()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        log.info("stopped", extra={"passes": self.ticks})
+        log.info("stopped", extra={"passes": self.passes})
         return exitcodes.OK
+
+    def _wind_down(self) -> None:
+        with self._pass_lock:
+            self.request_stop()
+        if not self._idle.wait(timeout=STOP_GRACE_SECONDS):
+            log.warning(
+                "the pass in hand did not finish in time; exiting without waiting for it",
+                extra={"seconds": STOP_GRACE_SECONDS},
+            )
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self._idle.is_set():
+            self.runtime.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.request_stop()
 
+    def _shutdown_when_stopped(self) -> None:
+        self.stop.wait()
+        log.info("stop requested; finishing the Application in hand")
+        self._shutdown_scheduler()
+
+    def _on_scheduler_started(self, event: object) -> None:
+        if self.stop.is_set():
+            self._shutdown_scheduler()
+
+    def _shutdown_scheduler(self) -> None:
+        with self._lifecycle_lock:
+            if self._scheduler.running:
+                self._scheduler.shutdown(wait=False)
+
 
 def serve(config: Config) -> int:
-    return Service(config).run()
+    try:
+        service = Service(config)
+    except StoreUnavailable as error:
+        log.error("state store unavailable; cannot serve", extra={"reason": str(error)})
+        return exitcodes.RETRY
+    return service.run()
