@@ -8,11 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, cast
 
 from reconciler import __version__, exitcodes
 from reconciler.config import Config, ConfigError, load_config
-from reconciler.logs import Redactor, configure_logging
+from reconciler.logs import Redactor, configure_logging, url_secrets
 
 log = logging.getLogger("reconciler")
 
@@ -28,7 +28,8 @@ DevLake and only then advances the snapshot: a missed run is caught up by the ne
 EPILOG = """\
 exit codes:
   0  done
-  1  some work failed (delivery, GitHub, a cluster, the state store) and will be retried next run
+  1  some work failed (delivery, GitHub, a cluster, the state store) and will be retried next run;
+     also when the state store cannot be reached at the start: then nothing is listed or sent
   2  configuration or usage error (check: a dependency is unreachable)
   3  another run holds the lock
 
@@ -76,28 +77,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:
-    stdout = stdout or sys.stdout
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return exitcodes.CONFIG if exit_.code else exitcodes.OK
     redactor = configure_logging(log_format=args.log_format, level=args.log_level)
+    out = cast(TextIO, RedactingStream(stdout or sys.stdout, redactor))
     try:
         config = load_config(args.config)
     except ConfigError as error:
         for problem in error.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+            print(f"config error: {redactor(problem)}", file=sys.stderr)
         return exitcodes.CONFIG
     redactor.add(config.secret_values())
+    redactor.add(url_secrets(config.state.url))
     try:
-        return _dispatch(args, config, redactor, stdout)
+        return _dispatch(args, config, out)
     except ValueError as error:
         print(f"error: {redactor(str(error))}", file=sys.stderr)
         return exitcodes.CONFIG
+    except Exception as error:
+        # A bug or an unforeseen failure: one redacted JSON line with the traceback, never a raw traceback
+        # (which would bypass the redactor), and exit 1 so a CronJob retries.
+        log.critical("the command failed unexpectedly", exc_info=True, extra={"reason": type(error).__name__})
+        return exitcodes.RETRY
 
 
-def _dispatch(args: argparse.Namespace, config: Config, redactor: Redactor, stdout: TextIO) -> int:
+class RedactingStream:
+    """``stdout`` with every known secret masked: ``check``, ``explain`` and ``status`` print clients' messages."""
+
+    def __init__(self, stream: TextIO, redactor: Redactor) -> None:
+        self._stream = stream
+        self._redact = redactor
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+def _dispatch(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
+    from reconciler.store import StoreUnavailable  # imports redis: kept out of --help and config errors
+
+    try:
+        return _command(args, config, stdout)
+    except StoreUnavailable as error:
+        log.error("state store unavailable; nothing was done", extra={"reason": str(error)})
+        return exitcodes.RETRY
+
+
+def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
     from reconciler import runtime  # imports the clients: kept out of --help and config errors
 
     if args.command in ("run", "backfill"):

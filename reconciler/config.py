@@ -227,8 +227,9 @@ class GitHubConfig(_Section):
 
 
 class StateConfig(_Section):
-    url: str | None = None
-    """``redis://``/``rediss://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded SQLite."""
+    url: str | None = Field(default=None, repr=False)
+    """``redis://``/``rediss://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded SQLite.
+    Left out of the repr: a Redis URL can carry a password."""
     key_prefix: str = Field(default="dora", min_length=1)
 
     @field_validator("url")

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 REDACTED = "[REDACTED]"
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-_NOISY_LIBRARIES = ("urllib3", "github", "kubernetes", "apscheduler", "requests")
+_NOISY_LIBRARIES = ("urllib3", "github", "kubernetes", "apscheduler", "requests", "redis")
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:\"']*:)[^\s/@\"']+@")
+"""The password of ``scheme://user:password@host`` in any URL, whoever wrote it into a message."""
+_MIN_SECRET_LENGTH = 4
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -19,24 +24,57 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key, value in record.__dict__.items() if key not in _RESERVED}
 
 
+def url_secrets(url: str | None) -> list[str]:
+    """The password of a URL such as ``redis://:password@host:6379/0`` (or its ``?password=`` query), in the
+    forms it can be written in, for the redactor."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    found = [password, unquote(password)] if password else []
+    found += [value for name, value in parse_qsl(parts.query) if name == "password"]
+    return [value for value in found if value]
+
+
 class Redactor:
-    """Replaces every known secret value in a rendered log line, whatever path it took to get there."""
+    """Replaces every known secret value in a rendered line, whatever path it took to get there.
+
+    A secret is also looked for in its JSON-escaped forms (a PEM key's newlines become ``\\n`` in a JSON log
+    line) and line by line for multi-line secrets; passwords in ``scheme://user:password@host`` URLs are
+    masked whether or not they are known.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: list[str] = []
         self.add(secrets)
 
-    def add(self, secrets: Iterable[str]) -> None:
+    def add(self, secrets: Iterable[str | None]) -> None:
         for secret in secrets:
-            if secret and len(secret) >= 4 and secret not in self._secrets:
-                self._secrets.append(secret)
+            if not secret:
+                continue
+            forms = [secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]]
+            forms += [line.strip() for line in secret.splitlines()]
+            for form in forms:
+                if len(form) >= _MIN_SECRET_LENGTH and form not in self._secrets:
+                    self._secrets.append(form)
         self._secrets.sort(key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return text
+        return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._secrets)} secret form(s))"
+
+
+def _printable(text: str) -> str:
+    """Lone surrogates (a malformed object's name can carry one) as escapes: a log line must always encode."""
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,7 +92,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(record_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = self.formatException(record.exc_info)
-        return self._redact(json.dumps(entry, default=str, ensure_ascii=False))
+        return _printable(self._redact(json.dumps(entry, default=str, ensure_ascii=False)))
 
 
 class TextFormatter(logging.Formatter):
@@ -67,7 +105,7 @@ class TextFormatter(logging.Formatter):
         fields = record_fields(record)
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
-        return self._redact(line)
+        return _printable(self._redact(line))
 
 
 def configure_logging(

@@ -9,7 +9,8 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
@@ -17,7 +18,7 @@ from typing import TextIO
 from reconciler import exitcodes
 from reconciler.application import MalformedApplication
 from reconciler.argocd import ClusterLister, ClusterUnavailable
-from reconciler.config import Config
+from reconciler.config import ClusterConfig, Config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
@@ -45,11 +46,23 @@ class Runtime:
     store: Store
     github: GitHubClient
     devlake: DevLakeClient
+    sleep: Callable[[float], None] = time.sleep
+    """How every client waits between retries (Kubernetes, GitHub, DevLake); tests pass a no-op."""
 
     @classmethod
-    def open(cls, config: Config) -> Runtime:
+    def open(cls, config: Config, *, sleep: Callable[[float], None] = time.sleep) -> Runtime:
+        """Open the state store and build the clients. Raises ``StoreUnavailable`` (nothing is left open then)."""
         store = open_store(config.state)
-        return cls(config, store, GitHubClient(config.github, store), DevLakeClient(config.devlake))
+        try:
+            github = GitHubClient(config.github, store, sleep=sleep)
+            devlake = DevLakeClient(config.devlake, sleep=sleep)
+        except BaseException:
+            store.close()
+            raise
+        return cls(config, store, github, devlake, sleep)
+
+    def lister(self, cluster: ClusterConfig) -> ClusterLister:
+        return ClusterLister(cluster, sleep=self.sleep)
 
     def reconciler(
         self,
@@ -64,6 +77,7 @@ class Runtime:
             self.store,
             self.github,
             self.devlake,
+            lister_factory=self.lister,
             metrics=metrics,
             dry_run_output=dry_run_output,
             stop=stop,
@@ -71,6 +85,7 @@ class Runtime:
         )
 
     def close(self) -> None:
+        self.devlake.close()
         self.store.close()
 
 
@@ -80,25 +95,48 @@ def log_summary(summary: RunSummary) -> None:
     log.log(level, "run finished", extra={"summary": summary.as_dict()})
 
 
-def progress_reporter(stream: TextIO) -> Callable[[RunSummary], None]:
-    """A progress line on a terminal (long backfills, first runs over thousands of apps), log lines otherwise."""
-    interactive = stream.isatty()
+class ProgressReporter:
+    """A progress line on a terminal (long backfills, first runs over thousands of apps), log lines otherwise.
 
-    def report(summary: RunSummary) -> None:
+    Called by the reconciler with the run's summary so far; :meth:`close` ends the terminal line, so the
+    run's last log line does not land on it.
+    """
+
+    def __init__(self, stream: TextIO, *, interactive: bool | None = None) -> None:
+        self.stream = stream
+        self.interactive = stream.isatty() if interactive is None else interactive
+        self._line_open = False
+
+    def __call__(self, summary: RunSummary) -> None:
         done = summary.deployments_success + summary.deployments_failed
-        if interactive:
-            stream.write(
-                f"\r{summary.apps_listed} apps listed, {done} deployments recorded, {summary.sent} sent, "
-                f"{summary.deployments_deferred} deferred "
+        if self.interactive:
+            self.stream.write(
+                f"\r\x1b[K{summary.apps_listed} apps listed, {done} deployments recorded, {summary.sent} sent, "
+                f"{summary.deployments_deferred} deferred"
             )
-            stream.flush()
+            self.stream.flush()
+            self._line_open = True
         else:
             log.info(
                 "progress",
-                extra={"apps_listed": summary.apps_listed, "deployments": done, "sent": summary.sent},
+                extra={
+                    "apps_listed": summary.apps_listed,
+                    "deployments": done,
+                    "sent": summary.sent,
+                    "deferred": summary.deployments_deferred,
+                },
             )
 
-    return report
+    def close(self) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
+
+
+def progress_reporter(stream: TextIO, *, interactive: bool | None = None) -> ProgressReporter:
+    """``interactive``: None decides by ``stream.isatty()``."""
+    return ProgressReporter(stream, interactive=interactive)
 
 
 def run_command(
@@ -114,7 +152,14 @@ def run_command(
 ) -> int:
     from reconciler.metrics import PrometheusMetrics, grouping_key, push
 
-    metrics = PrometheusMetrics()
+    metrics = PrometheusMetrics.for_config(config)
+
+    def aborted(code: int) -> int:
+        metrics.run_aborted(code)
+        if not dry_run:
+            push(config, metrics, grouping_key(config, clusters, shard))
+        return code
+
     options = RunOptions(
         dry_run=dry_run,
         clusters=clusters,
@@ -124,30 +169,45 @@ def run_command(
     )
     try:
         runtime = Runtime.open(config)
-        runtime.store.ping()
     except StoreUnavailable as error:
-        log.error("state store unavailable; nothing was sent", extra={"reason": str(error)})
-        return exitcodes.RETRY
+        _store_unavailable_at_start(error)
+        return aborted(exitcodes.RETRY)
     try:
+        try:
+            runtime.store.ping()
+        except StoreUnavailable as error:
+            _store_unavailable_at_start(error)
+            return aborted(exitcodes.RETRY)
+        reporter = progress or progress_reporter(sys.stderr)
         reconciler = runtime.reconciler(
             dry_run_output=stdout or sys.stdout,
             metrics=metrics,
-            progress=progress or progress_reporter(sys.stderr),
+            progress=reporter,
         )
         try:
             summary = reconciler.run(options, command=command)
         except LockHeld as error:
             log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
-            return exitcodes.LOCKED
+            return aborted(exitcodes.LOCKED)
         except StoreUnavailable as error:
             log.error("state store unavailable; the run stopped", extra={"reason": str(error)})
-            return exitcodes.RETRY
-        log_summary(summary)
+            return aborted(exitcodes.RETRY)
+        finally:
+            if isinstance(reporter, ProgressReporter):
+                reporter.close()
         if not dry_run:
             push(config, metrics, grouping_key(config, clusters, shard))
+        log_summary(summary)
         return summary.exit_code
     finally:
         runtime.close()
+
+
+def _store_unavailable_at_start(error: StoreUnavailable) -> None:
+    log.error(
+        "state store unavailable at start: nothing was listed or sent; the next run retries",
+        extra={"reason": str(error)},
+    )
 
 
 def serve_command(config: Config) -> int:
@@ -159,56 +219,83 @@ def serve_command(config: Config) -> int:
 # -- check ---------------------------------------------------------------------------------------------
 
 
-def check_command(config: Config, *, stdout: TextIO) -> int:
-    """One line per dependency; exit 0 only when every one answered as expected."""
-    lines: list[tuple[bool, str]] = [
-        (
-            True,
-            f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
-        )
-    ]
+def check_command(config: Config, *, stdout: TextIO, sleep: Callable[[float], None] = time.sleep) -> int:
+    """One line per dependency, printed as soon as it is known; exit 0 only when every one answered as expected.
+
+    Each dependency is checked on its own: GitHub is checked even when the state store is down.
+    """
+    results: list[bool] = []
+
+    def report(ok: bool, line: str) -> None:
+        results.append(ok)
+        print(line, file=stdout, flush=True)
+
+    report(
+        True,
+        f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
+    )
     for cluster in config.clusters:
-        lines.append(_check_cluster(config, cluster.name))
-    store: Store | None = None
-    try:
-        store = open_store(config.state)
-        store.ping()
-        lines.append((True, f"state store: ok ({_describe_state_url(config.state.url)})"))
-    except StoreUnavailable as error:
-        lines.append((False, f"state store: FAILED ({error})"))
-    lines.append(_check_github(config, store))
-    devlake = DevLakeClient(config.devlake)
-    for connection in config.devlake.connections:
-        ok, message = devlake.probe(connection)
-        lines.append((ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})"))
-    if store is not None:
-        store.close()
-    for _, line in lines:
-        print(line, file=stdout)
-    return exitcodes.OK if all(ok for ok, _ in lines) else exitcodes.CONFIG
+        report(*_check_cluster(cluster, sleep))
+    report(*_check_store(config))
+    report(*_check_github(config, sleep))
+    with DevLakeClient(config.devlake, sleep=sleep) as devlake:
+        for connection in config.devlake.connections:
+            ok, message = devlake.probe(connection)
+            report(ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})")
+    return exitcodes.OK if all(results) else exitcodes.CONFIG
 
 
-def _check_cluster(config: Config, name: str) -> tuple[bool, str]:
-    cluster = config.cluster(name)
+CHECK_ATTEMPTS = 2
+"""``check`` reports what it sees now: one quick retry for a blip, not a run's patience."""
+
+
+def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tuple[bool, str]:
+    name = cluster.name
     try:
-        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}))
+        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}), sleep=sleep, attempts=CHECK_ATTEMPTS)
         first = next(iter(lister.pages()), [])
     except ClusterUnavailable as error:
         return False, f"kubernetes {name}: FAILED ({error})"
     return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
 
 
-def _check_github(config: Config, store: Store | None) -> tuple[bool, str]:
-    if store is None:
-        return False, "github: not checked (needs the state store for its cache)"
-    client = GitHubClient(config.github, store)
+def _check_store(config: Config) -> tuple[bool, str]:
+    store: Store | None = None
+    try:
+        store = open_store(config.state)
+        store.ping()
+    except StoreUnavailable as error:
+        return False, f"state store: FAILED ({error})"
+    finally:
+        if store is not None:
+            store.close()
+    return True, f"state store: ok ({_describe_state_url(config.state.url)})"
+
+
+class _NoCache:
+    """``check`` asks GitHub itself; it needs no cache (and must not depend on the state store)."""
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        return {}
+
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
+        return None
+
+
+def _check_github(config: Config, sleep: Callable[[float], None]) -> tuple[bool, str]:
+    client = GitHubClient(config.github, _NoCache(), sleep=sleep, retries=CHECK_ATTEMPTS - 1)
     try:
         remaining, limit, reset = client.rate_limit()
     except RateLimited as error:
         return False, f"github: FAILED (rate limited until {error.reset_at})"
     except GitHubUnavailable as error:
-        return False, f"github: FAILED ({error})"
+        hint = ""
+        if "401" in str(error) and config.github.app_id is None and config.github.token_env:
+            hint = f"; check ${config.github.token_env}"
+        return False, f"github: FAILED ({error}{hint})"
     authenticated = "authenticated" if (config.github.token() or config.github.app_id) else "NOT authenticated"
+    if limit < 0:
+        return True, f"github: ok ({authenticated}; rate limiting disabled on this server)"
     return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})"
 
 

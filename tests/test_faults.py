@@ -1,0 +1,496 @@
+"""Faults in every dependency, through the real CLI: each tick stops or degrades cleanly and the next one recovers.
+
+Clients never really wait here: ``never_wait`` gives every client built by the CLI a no-op sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from reconciler import argocd
+from reconciler.cli import main
+from reconciler.config import StateConfig
+from reconciler.model import AppKey, Snapshot, deployment_id
+from reconciler.store import RedisStore, SQLiteStore, StoreUnavailable, open_store
+from tests.factories import fake_uid
+from tests.fakes.hardening import never_wait, redeployed, settled_app
+from tests.fakes.kube_api import FakeKubeAPI
+from tests.world import IMAGE_REPO, KUBE_TOKEN, World, log_lines
+
+PAYMENTS = AppKey("prod-east", "argocd", "payments-api")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Deploys:
+    """The payments app of ``World``: a baseline, then one new deployment per call of ``next()``."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.gitops = world.github.add_commits("acme/gitops", 4)
+        self.images = world.github.add_commits("acme/payments-api", 4)
+        self.app = settled_app("payments-api", self.gitops[0], f"{IMAGE_REPO}:{self.images[0]}")
+        self.history_id = 0
+        world.set_apps([self.app])
+
+    def next(self) -> str:
+        """Deploy the next commit; the deployment id the next run should send."""
+        self.history_id += 1
+        n = self.history_id
+        self.app = redeployed(self.app, n, self.gitops[n], f"{IMAGE_REPO}:{self.images[n]}", minute=30 * n)
+        self.world.set_apps([self.app])
+        return deployment_id(PAYMENTS, fake_uid("argocd/payments-api"), f"h{n}")
+
+
+def summary_of(err: str) -> dict[str, Any]:
+    last = log_lines(err)[-1]
+    assert last["message"] == "run finished", last
+    summary: dict[str, Any] = last["summary"]
+    return summary
+
+
+def messages(err: str) -> list[str]:
+    return [line["message"] for line in log_lines(err)]
+
+
+# -- the state store -------------------------------------------------------------------------------------
+
+
+def test_help_documents_what_an_unreachable_store_at_start_exits_with(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "state store cannot be reached at the start: then nothing is listed or sent" in out
+
+
+def test_redis_unreachable_at_start_exits_1_with_a_clear_message_and_touches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    never_wait(monkeypatch)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with World(tmp_path, url, monkeypatch) as world:
+        deploys = Deploys(world)
+        deploys.next()
+        capsys.readouterr()
+
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (line,) = log_lines(err)
+        assert line["level"] == "error"
+        assert line["message"].startswith("state store unavailable at start: nothing was listed or sent")
+        assert f"Redis at {url} unreachable" in line["reason"]
+        assert world.kube.list_calls == 0
+        assert world.github.count("all") == 0
+        assert world.devlake.post_count == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_store_lost_after_the_post_stops_the_tick_cleanly_and_the_next_run_recovers(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    never_wait(monkeypatch)
+    url = f"sqlite:///{tmp_path / 'state.db'}" if backend == "sqlite" else request.getfixturevalue("redis_url")
+    with World(tmp_path, url, monkeypatch) as world:
+        deploys = Deploys(world)
+        assert world.run() == 0
+        wanted = deploys.next()
+
+        store_class: type[SQLiteStore | RedisStore] = SQLiteStore if backend == "sqlite" else RedisStore
+        original = store_class.record_delivery
+
+        def lost(self: Any, key: AppKey, snapshot: Snapshot, markers: Any) -> None:
+            raise StoreUnavailable("the state store went away (record delivery): connection reset")
+
+        monkeypatch.setattr(store_class, "record_delivery", lost)
+        capsys.readouterr()
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert "state store unavailable; stopping the tick" in messages(err)
+        summary = summary_of(err)
+        assert summary["exit_code"] == 1
+        assert any("state store unavailable" in error for error in summary["errors"])
+        assert list(world.devlake.deployment_rows(1)) == [wanted], "the POST went out before the store failed"
+
+        monkeypatch.setattr(store_class, "record_delivery", original)
+        assert world.run() == 0, "the snapshot did not move: the next run sends again"
+        assert list(world.devlake.deployment_rows(1)) == [wanted], "the same id again: an upsert, no duplicate"
+        assert [body["id"] for body in world.posts()] == [wanted, wanted]
+
+        capsys.readouterr()
+        assert world.run() == 0
+        assert summary_of(capsys.readouterr().err)["sent"] == 0
+        assert world.devlake.post_count == 2
+
+
+class OwnRedis:
+    """A redis-server of one test alone (append-only file, fsync always) that can be killed and restarted."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)]
+        self._command += ["--appendonly", "yes", "--appendfsync", "always"]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+        try:
+            for _ in range(500):
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    try:
+                        self._process.wait(timeout=0.01)  # the poll interval, and notices an early exit
+                    except subprocess.TimeoutExpired:
+                        continue
+                    break
+            pytest.fail("redis-server did not start")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the clients."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = OwnRedis(binary, directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_redis_killed_during_delivery_stops_the_tick_without_a_traceback_and_the_next_run_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_redis: OwnRedis
+) -> None:
+    never_wait(monkeypatch)
+    url, server = own_redis.url, own_redis
+    with World(tmp_path, url, monkeypatch) as world:
+        deploys = Deploys(world)
+        assert world.run() == 0
+        wanted = deploys.next()
+
+        original = RedisStore.record_delivery
+
+        def killed_first(self: RedisStore, key: AppKey, snapshot: Snapshot, markers: Any) -> None:
+            server.kill()
+            original(self, key, snapshot, markers)
+
+        monkeypatch.setattr(RedisStore, "record_delivery", killed_first)
+        capsys.readouterr()
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        reasons = [line.get("reason", "") for line in log_lines(err) if line["level"] in ("error", "warning")]
+        assert any(f"Redis at {url} unreachable (record delivery)" in reason for reason in reasons), reasons
+        assert "could not record the run summary" in messages(err)
+        assert list(world.devlake.deployment_rows(1)) == [wanted]
+
+        monkeypatch.setattr(RedisStore, "record_delivery", original)
+        server.start()
+        client = redis.Redis.from_url(url)
+        try:
+            # The killed run could not release its lock; it expires after 60 s. Skip the wait.
+            assert client.delete(*client.keys(f"e2e-{tmp_path.name}:lock:*")) == 1
+        finally:
+            client.close()
+        assert world.run() == 0
+        assert list(world.devlake.deployment_rows(1)) == [wanted], "sent again under the same id"
+        capsys.readouterr()
+        assert world.run() == 0
+        assert summary_of(capsys.readouterr().err)["sent"] == 0
+
+
+def test_a_wiped_state_store_rebaselines_without_resending(
+    tmp_path: Path,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    never_wait(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        deploys = Deploys(world)
+        assert world.run() == 0
+        first = deploys.next()
+        assert world.run() == 0
+        assert world.devlake.post_count == 1
+
+        _wipe(state_url, f"e2e-{tmp_path.name}")
+        capsys.readouterr()
+        assert world.run() == 0
+        err = capsys.readouterr().err
+        assert "cluster initialised" in messages(err), "the cluster is baselined again"
+        assert world.devlake.post_count == 1, "nothing already delivered is sent again"
+        assert list(world.devlake.deployment_rows(1)) == [first]
+
+        second = deploys.next()
+        assert world.run() == 0
+        assert [body["id"] for body in world.posts()] == [first, second], "later deployments flow as before"
+        body = world.posts()[-1]
+        heads = {c["repoUrl"]: c["commitSha"] for c in body["deploymentCommits"]}
+        assert heads["https://github.com/acme/payments-api"] == deploys.images[2]
+
+
+def _wipe(state_url: str, prefix: str) -> None:
+    if state_url.startswith("sqlite:///"):
+        path = Path(state_url.removeprefix("sqlite:///"))
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    client = redis.Redis.from_url(state_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        assert keys
+        client.delete(*keys)
+    finally:
+        client.close()
+
+
+# -- Kubernetes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["http-500", "server-down", "unauthorized"])
+def test_one_failing_cluster_does_not_stop_the_other(
+    tmp_path: Path,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
+) -> None:
+    never_wait(monkeypatch)
+    with FakeKubeAPI() as west:
+        west_config = west.write_kubeconfig(tmp_path / "kubeconfig-west", token=KUBE_TOKEN)
+        west.set_apps([])
+        clusters = [
+            {"name": "prod-west", "kubeconfig": str(west_config), "context": "fake"},
+            {"name": "prod-east", "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": 2},
+        ]
+        with World(tmp_path, state_url, monkeypatch, config={"clusters": clusters}) as world:
+            deploys = Deploys(world)
+            if failure == "http-500":
+                west.fail_next(1000, status=500)
+            elif failure == "server-down":
+                west.stop()
+            else:
+                west.require_token("another-token")
+            assert world.run() == 1, "the baseline of prod-east is done, prod-west is retried next run"
+            wanted = deploys.next()
+            capsys.readouterr()
+
+            assert world.run() == 1
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            assert list(world.devlake.deployment_rows(1)) == [wanted], "prod-east still delivers"
+            summary = summary_of(err)
+            assert summary["apps_listed"] == 1
+            (error,) = summary["errors"]
+            assert error.startswith("cluster prod-west: ")
+            unavailable = [line for line in log_lines(err) if line["message"] == "cluster unavailable"]
+            assert [line["cluster"] for line in unavailable] == ["prod-west"]
+            if failure != "unauthorized":
+                assert f"after {argocd.ATTEMPTS} attempts" in error, "transient failures are retried first"
+            else:
+                assert "unauthorized (401)" in error
+
+
+def test_a_listing_that_breaks_off_delivers_what_was_listed_and_marks_nothing_deleted(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    never_wait(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        names = ["a-api", "b-api", "c-api"]  # two on the first page, one on the second
+        apps = [settled_app(name, gitops[0], f"{IMAGE_REPO}:{images[0]}") for name in names]
+        world.set_apps(apps)
+        assert world.run() == 0
+        world.set_apps([redeployed(app, 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", minute=30) for app in apps])
+        ids = {
+            name: deployment_id(AppKey("prod-east", "argocd", name), fake_uid(f"argocd/{name}"), "h1") for name in names
+        }
+        world.kube.expire_continue_tokens(100)
+        capsys.readouterr()
+
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert sorted(world.devlake.deployment_rows(1)) == sorted([ids["a-api"], ids["b-api"]])
+        (error,) = summary_of(err)["errors"]
+        assert error.startswith("cluster prod-east: the continue token of the Application list")
+        store = open_store(StateConfig(url=state_url, key_prefix=f"e2e-{tmp_path.name}"))
+        try:
+            unlisted = store.load_snapshots([AppKey("prod-east", "argocd", "c-api")])
+        finally:
+            store.close()
+        assert [snapshot.deleting_since for snapshot in unlisted.values()] == [None], "not listed is not deleted"
+
+        world.kube.expire_continue_tokens(0)
+        assert world.run() == 0
+        assert sorted(world.devlake.deployment_rows(1)) == sorted(ids.values())
+        assert world.devlake.post_count == 3, "what was delivered before the break is not sent again"
+
+
+# -- GitHub ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["http-502", "read-timeout", "connection-refused"])
+def test_github_down_defers_the_deployment_until_it_can_be_sent_complete(
+    tmp_path: Path,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fault: str,
+) -> None:
+    never_wait(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        deploys = Deploys(world)
+        assert world.run() == 0
+        wanted = deploys.next()
+        for _ in range(40):
+            if fault == "http-502":
+                world.github.fail_next(1, status=502)
+            elif fault == "read-timeout":
+                world.github.raise_next(requests.exceptions.ReadTimeout("read timed out"))
+            else:
+                world.github.raise_next(requests.exceptions.ConnectionError("connection refused"))
+        capsys.readouterr()
+
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert world.devlake.post_count == 0, "never sent with commits missing"
+        assert "deployment deferred to the next run" in messages(err)
+        assert summary_of(err)["deployments_deferred"] == 1
+
+        world.github.canned.clear()
+        assert world.run() == 0
+        (body,) = world.posts()
+        assert body["id"] == wanted
+        heads = {c["repoUrl"]: c["commitSha"] for c in body["deploymentCommits"]}
+        assert heads == {
+            "https://github.com/acme/payments-api": deploys.images[1],
+            "https://github.com/acme/gitops": deploys.gitops[1],
+        }
+
+
+# -- DevLake ---------------------------------------------------------------------------------------------
+
+
+def test_devlake_slower_than_its_timeout_is_retried_next_run_and_recorded_once(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    never_wait(monkeypatch)
+    config = {"devlake": {"timeout": "100ms", "retry_budget": "0s"}}
+    with World(tmp_path, state_url, monkeypatch, config=config) as world:
+        deploys = Deploys(world)
+        assert world.run() == 0
+        wanted = deploys.next()
+        world.devlake.delay(0.5)
+        capsys.readouterr()
+
+        assert world.run() == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        failed = [line for line in log_lines(err) if line["message"] == "delivery failed; will retry next run"]
+        assert [line["deployment_id"] for line in failed] == [wanted]
+        assert "timed out" in failed[0]["reason"]
+        assert summary_of(err)["retry_later"] == 1
+
+        world.devlake.delay(0)
+        assert world.run() == 0
+        assert list(world.devlake.deployment_rows(1)) == [wanted], "one deployment, whatever the slow POST did"
+        capsys.readouterr()
+        assert world.run() == 0
+        assert summary_of(capsys.readouterr().err)["sent"] == 0
+
+
+# -- check -----------------------------------------------------------------------------------------------
+
+
+def test_check_reports_every_dependency_on_its_own_line_and_exits_0_when_all_answer(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        assert world.run(command="check") == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(":", 1)[0] for line in lines] == [
+            "config",
+            "kubernetes prod-east",
+            "state store",
+            "github",
+            "devlake connection 1",
+        ]
+        assert all(": ok" in line for line in lines), lines
+        assert "github: ok (authenticated; rate limit 5000/5000" in lines[3]
+        assert world.devlake.deployment_rows(1) == {}, "the DevLake probe stores nothing"
+
+
+def test_check_names_an_unreachable_devlake_and_a_bad_github_token_and_exits_2(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    devlake_url = f"http://127.0.0.1:{free_port()}"
+    with World(tmp_path, state_url, monkeypatch, config={"devlake": {"url": devlake_url}}) as world:
+        monkeypatch.setenv("GITHUB_TOKEN", "ghp_revoked0000000000000000000000000000")
+        assert world.run(command="check") == 2
+        lines = capsys.readouterr().out.splitlines()
+        by_name = {line.split(":", 1)[0]: line for line in lines}
+        assert by_name["github"] == "github: FAILED (bad credentials (HTTP 401); check $GITHUB_TOKEN)"
+        devlake = by_name["devlake connection 1"]
+        assert devlake.startswith("devlake connection 1: FAILED (unreachable: ") and "Connection refused" in devlake
+        assert by_name["kubernetes prod-east"].startswith("kubernetes prod-east: ok")
+        assert by_name["state store"].startswith("state store: ok")
+
+
+def test_check_still_checks_github_when_the_state_store_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    never_wait(monkeypatch)
+    with World(tmp_path, f"redis://127.0.0.1:{free_port()}/0", monkeypatch) as world:
+        assert world.run(command="check") == 2
+        by_name = {line.split(":", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
+        assert by_name["state store"].startswith("state store: FAILED (Redis at redis://127.0.0.1:")
+        assert by_name["github"].startswith("github: ok (authenticated")
+        assert world.github.count("rate_limit") == 1
