@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.cron import cron_trigger
+
 ENV_PREFIX = "DORA__"
 
 
@@ -326,10 +328,8 @@ class Config(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
-
         try:
-            CronTrigger.from_crontab(value, timezone="UTC")
+            cron_trigger(value)
         except ValueError as error:
             raise ValueError(f"not a valid cron expression: {error}") from None
         return value

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -16,12 +16,11 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from reconciler import exitcodes
 from reconciler.config import Config
+from reconciler.cron import cron_trigger
 from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
 from reconciler.reconcile import RunOptions, RunSummary
@@ -35,79 +34,6 @@ MISFIRE_GRACE_SECONDS = 300
 STOP_GRACE_SECONDS = 25.0
 """How long a stop waits for the pass in hand; keep it under the pod's terminationGracePeriodSeconds."""
 DEFAULT_HOST = "0.0.0.0"
-
-_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-# -- the schedule --------------------------------------------------------------------------------------
-
-
-def cron_trigger(expression: str, timezone: tzinfo = UTC) -> BaseTrigger:
-    """A trigger for a standard five-field crontab expression, read the way cron (and a CronJob) reads it.
-
-    APScheduler 3.x's ``CronTrigger.from_crontab`` differs from cron twice: it numbers weekdays from
-    0 = Monday (cron: 0 or 7 = Sunday), so ``0 9 * * 1-5`` would run Tuesday to Saturday; and it requires
-    both day fields to match, where cron runs when either does if both are restricted (``0 0 1 * 1``:
-    the 1st of each month and every Monday). Weekdays are translated to names here and the two day
-    fields become an ``OrTrigger`` when both are restricted. Raises ``ValueError`` with the reason.
-    """
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ValueError(f"a cron schedule has 5 fields (minute hour day month weekday), got {expression!r}")
-    minute, hour, day, month, weekday = fields
-    weekdays = _weekday_names(weekday)
-
-    def build(day_of_month: str, day_of_week: str) -> CronTrigger:
-        return CronTrigger(
-            minute=minute, hour=hour, day=day_of_month, month=month, day_of_week=day_of_week, timezone=timezone
-        )
-
-    try:
-        if not day.startswith("*") and not weekday.startswith("*"):
-            return OrTrigger([build(day, "*"), build("*", weekdays)])
-        return build(day, weekdays)
-    except ValueError as error:
-        raise ValueError(f"invalid cron schedule {expression!r}: {error}") from None
-
-
-def _weekday_names(field: str) -> str:
-    """Cron's weekday field (numbers 0-7 with 0 and 7 Sunday, or names; lists, ranges, steps) as names."""
-    if field == "*":
-        return "*"
-    days: set[int] = set()
-    for part in field.split(","):
-        span, _, step_text = part.partition("/")
-        step = _number(step_text, "step") if step_text else 1
-        if step < 1:
-            raise ValueError(f"weekday step must be at least 1 in {field!r}")
-        if span == "*":
-            first, last = 0, 6
-        elif "-" in span:
-            start, _, end = span.partition("-")
-            first, last = _weekday(start, field), _weekday(end, field)
-            if first > last:
-                raise ValueError(f"weekday range {span!r} runs backwards in {field!r}")
-        else:
-            first = _weekday(span, field)
-            last = 6 if step_text else first
-        days.update(day % 7 for day in range(first, last + 1, step))
-    return ",".join(_WEEKDAYS[day] for day in sorted(days))
-
-
-def _weekday(text: str, field: str) -> int:
-    lowered = text.lower()
-    if lowered in _WEEKDAYS:
-        return _WEEKDAYS.index(lowered)
-    value = _number(text, "weekday")
-    if not 0 <= value <= 7:
-        raise ValueError(f"weekday {text!r} is not 0-7 or sun-sat in {field!r}")
-    return value
-
-
-def _number(text: str, what: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"{what} {text!r} is not a number")
-    return int(text)
 
 
 def build_trigger(config: Config) -> BaseTrigger:

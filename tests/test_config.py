@@ -227,3 +227,10 @@ def test_cli_reports_each_problem_with_its_key_and_exits_2(
 def test_cli_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run"]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["0 9 * * 7", "0 9 * * 1-5", "*/10 * * * *", "0 0 1 * mon"])
+def test_schedules_are_read_as_cron_reads_them(schedule: str) -> None:
+    data = minimal()
+    data["schedule"] = schedule
+    assert validate_config(data).schedule == schedule

@@ -21,11 +21,12 @@ from apscheduler.triggers.cron import CronTrigger
 from reconciler import exitcodes, scheduler
 from reconciler.cli import main
 from reconciler.config import Config, load_config
+from reconciler.cron import cron_trigger
 from reconciler.metrics import PrometheusMetrics
 from reconciler.model import AppKey
 from reconciler.reconcile import Shard
 from reconciler.runtime import Runtime
-from reconciler.scheduler import Service, cron_trigger
+from reconciler.scheduler import Service
 from reconciler.store import open_store
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.test_end_to_end import deployed_app, new_deployment
