@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     redactor.add(url_secrets(config.state.url))
     try:
         return _dispatch(args, config, out)
-    except ValueError as error:
+    except exitcodes.UsageError as error:
         print(f"error: {redactor(str(error))}", file=sys.stderr)
         return exitcodes.CONFIG
     except Exception as error:
@@ -154,7 +154,7 @@ def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
         return runtime.explain_command(config, args.application, clusters=tuple(args.cluster), stdout=stdout)
     if args.command == "status":
         return runtime.status_command(config, as_json=args.json, stdout=stdout)
-    raise ValueError(f"unknown command {args.command!r}")
+    raise exitcodes.UsageError(f"unknown command {args.command!r}")
 
 
 def _parse_since(text: str | None) -> datetime | None:
@@ -163,7 +163,7 @@ def _parse_since(text: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"--since expects an ISO 8601 date or time, got {text!r}") from None
+        raise exitcodes.UsageError(f"--since expects an ISO 8601 date or time, got {text!r}") from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 

@@ -35,6 +35,7 @@ from reconciler.devlake import (
     commit_set_fingerprint,
 )
 from reconciler.enrich import Deferred, Enricher, Skipped
+from reconciler.exitcodes import UsageError
 from reconciler.github import GitHubClient
 from reconciler.images import InvalidImageReference, RepositoryMapper, commit_images, parse_image
 from reconciler.model import (
@@ -86,9 +87,9 @@ class Shard:
             index_text, count_text = text.split("/", 1)
             index, count = int(index_text), int(count_text)
         except ValueError:
-            raise ValueError(f"--shard expects I/N, got {text!r}") from None
+            raise UsageError(f"--shard expects I/N, got {text!r}") from None
         if count < 1 or not 0 <= index < count:
-            raise ValueError(f"--shard expects 0 <= I < N, got {text!r}")
+            raise UsageError(f"--shard expects 0 <= I < N, got {text!r}")
         return cls(index, count)
 
     def owns(self, key: AppKey) -> bool:
@@ -331,7 +332,7 @@ class Reconciler:
             return list(self.config.clusters)
         unknown = sorted(set(options.clusters) - {c.name for c in self.config.clusters})
         if unknown:
-            raise ValueError(f"unknown cluster(s): {', '.join(unknown)}")
+            raise UsageError(f"unknown cluster(s): {', '.join(unknown)}")
         return [c for c in self.config.clusters if c.name in options.clusters]
 
     def _lock_lost(self) -> bool:

@@ -313,7 +313,7 @@ def _describe_state_url(url: str | None) -> str:
 def explain_command(config: Config, application: str, *, clusters: tuple[str, ...], stdout: TextIO) -> int:
     namespace, sep, name = application.partition("/")
     if not sep or not namespace or not name:
-        raise ValueError(f"expected NAMESPACE/NAME, got {application!r}")
+        raise exitcodes.UsageError(f"expected NAMESPACE/NAME, got {application!r}")
     store = open_store(config.state)
     try:
         found = False
