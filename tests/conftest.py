@@ -115,3 +115,12 @@ def store(request: pytest.FixtureRequest) -> Store:
     """The same test once per backend."""
     backend: Store = request.getfixturevalue(f"{request.param}_store")
     return backend
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A state URL for each backend: end-to-end tests run on both (a test module may narrow it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url

@@ -40,10 +40,12 @@ __all__ = [
     "make_app",
     "mark_deleting",
     "operation_state",
+    "redeployed",
     "set_health",
     "set_reconciled",
     "set_summary_images",
     "set_sync",
+    "settled_app",
     "ts",
     "values_source",
     "with_history",
@@ -55,6 +57,8 @@ T0 = datetime(2025, 6, 3, 9, 0, 0, tzinfo=UTC)
 """The reference instant of the examples (reference/argocd.md §8 uses 2025-05 and 2025-06)."""
 
 DEFAULT_REPO = "https://github.com/acme/gitops.git"
+SIDECAR = "docker.io/library/busybox:1.36.1"
+"""An image in the live Pods that no sync applied (an init container): never a commit."""
 DEFAULT_SERVER = "https://kubernetes.default.svc"
 
 Time = datetime | str
@@ -602,3 +606,34 @@ def mark_deleting(app: Mapping[str, Any], deleted_at: Time = T0) -> dict[str, An
     new["metadata"]["deletionTimestamp"] = ts(deleted_at)
     new["metadata"]["deletionGracePeriodSeconds"] = 0
     return new
+
+
+# -- whole scenarios -------------------------------------------------------------------------------------
+
+
+def settled_app(name: str, gitops_sha: str, image: str, *, namespace: str = "argocd") -> dict[str, Any]:
+    """History id 0 deployed ``gitops_sha`` with ``image`` (``repo:tag``) at ``T0``; Synced and Healthy, with
+    ``SIDECAR`` also running."""
+    return make_app(
+        name,
+        namespace,
+        source=git_source(DEFAULT_REPO),
+        history=[history_entry(0, gitops_sha, at(0), source=git_source(DEFAULT_REPO))],
+        operation_state=operation_state("Succeeded", at(-0.1), at(0), revision=gitops_sha, images=[image]),
+        summary_images=[image, SIDECAR],
+        health_transition_at=at(1),
+    )
+
+
+def redeployed(app: Mapping[str, Any], history_id: int, gitops_sha: str, image: str, minute: float) -> dict[str, Any]:
+    """``app`` after a successful sync (history ``history_id``) of ``gitops_sha`` with ``image`` finishing at
+    ``minute``, then Healthy 1.5 minutes later."""
+    started, finished = at(minute - 0.2), at(minute)
+    app = append_history(app, history_entry(history_id, gitops_sha, finished, started, source=git_source(DEFAULT_REPO)))
+    app = with_operation_state(
+        app,
+        operation_state("Succeeded", started, finished, revision=gitops_sha, images=[image]),
+        reconciled_at=at(minute + 2),
+    )
+    app = set_health(app, "Healthy", at(minute + 1.5))
+    return set_summary_images(app, [image, SIDECAR])

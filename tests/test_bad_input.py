@@ -27,22 +27,14 @@ from reconciler.model import AppKey, deployment_id
 from reconciler.reconcile import Reconciler, RunOptions, RunSummary
 from reconciler.store import SQLiteStore
 from tests.corpus import CorpusCase, load_corpus
-from tests.factories import T0, at, fake_sha, fake_uid
+from tests.factories import T0, at, fake_sha, fake_uid, redeployed, settled_app
 from tests.fakes.devlake import FakeDevLake
 from tests.fakes.github import FakeGitHub
-from tests.fakes.hardening import never_wait, no_sleep, redeployed, settled_app
+from tests.fakes.hardening import never_wait, no_sleep
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.world import World, log_lines
 
 _SHARED_NAMES = ("payments-api", "search-platform")
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def corpus_served() -> list[tuple[CorpusCase, Any, str | None]]:

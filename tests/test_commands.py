@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import at, git_source, history_entry, make_app, operation_state
-from tests.test_end_to_end import GITOPS, deployed_app, new_deployment
+from tests.test_end_to_end import deployed_app, new_deployment
 from tests.world import IMAGE_REPO, World, log_lines
 
 

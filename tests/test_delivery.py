@@ -26,22 +26,19 @@ from reconciler.model import MAX_DEPLOYMENT_ID_LENGTH, AppKey, Snapshot, deploym
 from reconciler.reconcile import OUTAGE_FAILURES, Reconciler, RetryBudget, RunOptions
 from reconciler.runtime import Runtime
 from reconciler.store import RedisStore, RunLock, SQLiteStore, Store, open_store
+from tests import factories
+from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import (
-    append_history,
     at,
     fake_uid,
     git_source,
     history_entry,
     make_app,
     operation_state,
-    set_health,
-    set_summary_images,
-    with_operation_state,
 )
 from tests.fakes.devlake import FakeDevLake
 from tests.world import DEVLAKE_KEYS, World
 
-GITOPS = "https://github.com/acme/gitops.git"
 CLUSTER = "prod-east"
 NAMESPACE = "argocd"
 
@@ -121,14 +118,6 @@ class ScriptedDevLake(FakeDevLake):
 # -- fixtures and helpers ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 @pytest.fixture
 def redis_state(redis_url: str) -> str:
     return redis_url
@@ -180,32 +169,14 @@ def image_of(repo: str, sha: str) -> str:
 
 def settled_app(name: str, gitops_sha: str, image_sha: str, *, image_repo: str = "payments-api") -> dict[str, Any]:
     """History id 0 deployed ``gitops_sha`` with ``image_sha``; settled and Healthy (a baseline)."""
-    image = image_of(image_repo, image_sha)
-    return make_app(
-        name,
-        source=git_source(GITOPS),
-        history=[history_entry(0, gitops_sha, at(0), source=git_source(GITOPS))],
-        operation_state=operation_state("Succeeded", at(-0.1), at(0), revision=gitops_sha, images=[image]),
-        summary_images=[image],
-        health_transition_at=at(1),
-    )
+    return factories.settled_app(name, gitops_sha, image_of(image_repo, image_sha))
 
 
 def deploy(
     app: dict[str, Any], history_id: int, gitops_sha: str, image_sha: str, *, image_repo: str = "payments-api"
 ) -> dict[str, Any]:
     """``app`` after a successful sync (history ``history_id``) of ``gitops_sha`` with ``image_sha``, then Healthy."""
-    minute = 10.0 * history_id
-    image = image_of(image_repo, image_sha)
-    started, finished = at(minute - 0.2), at(minute)
-    app = append_history(app, history_entry(history_id, gitops_sha, finished, started, source=git_source(GITOPS)))
-    app = with_operation_state(
-        app,
-        operation_state("Succeeded", started, finished, revision=gitops_sha, images=[image]),
-        reconciled_at=at(minute + 2),
-    )
-    app = set_health(app, "Healthy", at(minute + 1.5))
-    return set_summary_images(app, [image])
+    return factories.redeployed(app, history_id, gitops_sha, image_of(image_repo, image_sha), 10.0 * history_id)
 
 
 def id_of(name: str, ref: str, namespace: str = NAMESPACE) -> str:

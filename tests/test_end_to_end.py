@@ -8,58 +8,20 @@ from typing import Any
 import pytest
 
 from reconciler.model import AppKey, deployment_id
-from tests.factories import (
-    append_history,
-    at,
-    fake_uid,
-    git_source,
-    history_entry,
-    make_app,
-    operation_state,
-    set_health,
-    set_summary_images,
-    with_operation_state,
-)
+from tests.factories import at, fake_uid, make_app, operation_state, redeployed, settled_app, with_operation_state
 from tests.world import DEVLAKE_KEYS, GITHUB_TOKEN, IMAGE_REPO, KUBE_TOKEN, World, dry_run_lines, log_lines
-
-GITOPS = "https://github.com/acme/gitops.git"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def deployed_app(world: World, gitops_sha: str, image_sha: str, *, name: str = "payments-api") -> dict[str, Any]:
     """An app whose history id 0 deployed ``gitops_sha`` with image ``image_sha``: settled and Healthy."""
-    image = f"{IMAGE_REPO}:{image_sha}"
-    return make_app(
-        name,
-        source=git_source(GITOPS),
-        history=[history_entry(0, gitops_sha, at(0), source=git_source(GITOPS))],
-        operation_state=operation_state("Succeeded", at(-0.1), at(0), revision=gitops_sha, images=[image]),
-        summary_images=[image, "docker.io/library/busybox:1.36.1"],
-        health_transition_at=at(1),
-    )
+    return settled_app(name, gitops_sha, f"{IMAGE_REPO}:{image_sha}")
 
 
 def new_deployment(
     app: dict[str, Any], history_id: int, gitops_sha: str, image_sha: str, minute: float
 ) -> dict[str, Any]:
     """``app`` after a successful sync of ``gitops_sha`` with image ``image_sha`` at ``minute``, then Healthy."""
-    image = f"{IMAGE_REPO}:{image_sha}"
-    started, finished = at(minute - 0.2), at(minute)
-    app = append_history(app, history_entry(history_id, gitops_sha, finished, started, source=git_source(GITOPS)))
-    app = with_operation_state(
-        app,
-        operation_state("Succeeded", started, finished, revision=gitops_sha, images=[image]),
-        reconciled_at=at(minute + 2),
-    )
-    app = set_health(app, "Healthy", at(minute + 1.5))
-    return set_summary_images(app, [image, "docker.io/library/busybox:1.36.1"])
+    return redeployed(app, history_id, gitops_sha, f"{IMAGE_REPO}:{image_sha}", minute)
 
 
 def test_baseline_then_exactly_one_deployment_then_nothing(

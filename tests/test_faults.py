@@ -25,20 +25,12 @@ from reconciler.cli import main
 from reconciler.config import StateConfig
 from reconciler.model import AppKey, Snapshot, deployment_id
 from reconciler.store import RedisStore, SQLiteStore, StoreUnavailable, open_store
-from tests.factories import fake_uid
-from tests.fakes.hardening import never_wait, redeployed, settled_app
+from tests.factories import fake_uid, redeployed, settled_app
+from tests.fakes.hardening import never_wait
 from tests.fakes.kube_api import FakeKubeAPI
 from tests.world import IMAGE_REPO, KUBE_TOKEN, World, log_lines
 
 PAYMENTS = AppKey("prod-east", "argocd", "payments-api")
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 def free_port() -> int:

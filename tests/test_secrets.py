@@ -19,9 +19,9 @@ from reconciler.github import GitHubClient, GitHubError
 from reconciler.logs import REDACTED, Redactor, url_secrets
 from reconciler.runtime import Runtime
 from reconciler.store import RedisStore, StoreUnavailable, open_store
-from tests.factories import at
+from tests.factories import at, redeployed, settled_app
 from tests.fakes.github import InMemoryCache
-from tests.fakes.hardening import never_wait, no_sleep, redeployed, settled_app
+from tests.fakes.hardening import never_wait, no_sleep
 from tests.fakes.tls import SelfSignedServer
 from tests.world import DEVLAKE_KEYS, GITHUB_TOKEN, IMAGE_REPO, KUBE_TOKEN, World
 
@@ -52,14 +52,6 @@ def assert_no_secret(text: str, where: str) -> None:
     for secret in SECRETS:
         assert secret not in text, f"{where} leaks {secret[:12]}…"
     assert KEY_LINE not in text, f"{where} leaks a private key"
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
 
 
 class Scenario:
