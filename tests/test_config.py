@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from reconciler.cli import main
-from reconciler.config import ConfigError, Environment, load_config, parse_duration, validate_config
+from reconciler.config import Config, ConfigError, Environment, load_config, parse_duration, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -234,3 +236,23 @@ def test_schedules_are_read_as_cron_reads_them(schedule: str) -> None:
     data = minimal()
     data["schedule"] = schedule
     assert validate_config(data).schedule == schedule
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.add(path)
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            inner = getattr(candidate, "__args__", (candidate,))
+            for kind in (candidate, *inner):
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    keys |= _keys(kind, f"{path}.")
+    return keys
+
+
+def test_the_example_config_documents_every_key() -> None:
+    text = (REPO / "config.example.yaml").read_text()
+    documented = set(re.findall(r"\b([a-z_]+):(?!//)", text))
+    missing = sorted(key for key in _keys(Config) if key.rsplit(".", 1)[-1] not in documented)
+    assert missing == []
