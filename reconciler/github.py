@@ -109,7 +109,8 @@ class Comparison:
 
 
 def repository_from_url(url: str, web_url: str) -> str | None:
-    """``owner/repo`` of a git URL on the GitHub host of ``web_url``, else ``None``.
+    """``owner/repo`` (lower case, so every spelling of one repository gives one ``repoUrl``) of a git URL on
+    the GitHub host of ``web_url``, else ``None``.
 
     Accepts ``https://HOST/o/r(.git)(/)``, ``http://``, ``ssh://git@HOST/o/r.git`` and ``git@HOST:o/r.git``.
     """
@@ -135,7 +136,7 @@ def repository_from_url(url: str, web_url: str) -> str | None:
     path = path.removesuffix(".git")
     if not _REPO.fullmatch(path):
         return None
-    return path
+    return path.lower()
 
 
 class GitHubClient:
@@ -752,7 +753,7 @@ def _check_repo(repo: str) -> str:
     repo = repo.strip().strip("/")
     if not _REPO.fullmatch(repo):
         raise CommitNotFound(repo[:120], "", "not an owner/repo name")
-    return repo
+    return repo.lower()
 
 
 def _commit_date(git: Mapping[str, Any]) -> datetime | None:

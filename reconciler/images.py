@@ -158,7 +158,8 @@ class RepositoryMapper:
         self._ignore = list(images.ignore)
 
     def repository_for(self, image: ImageRef) -> str | None:
-        """``owner/repo`` from the first rule whose regex matches the whole image repository, else ``None``."""
+        """``owner/repo`` (lower case: GitHub names are case-insensitive, and DevLake needs one byte-identical
+        ``repoUrl`` per repository) from the first rule whose regex matches the whole image repository."""
         for pattern, template in self._rules:
             match = pattern.fullmatch(image.repository)
             if match is None:
@@ -178,7 +179,7 @@ class RepositoryMapper:
                     extra={"reason": f"{image.repository} -> {repo[:200]!r}"},
                 )
                 return None
-            return repo
+            return repo.lower()
         return None
 
     def ignored(self, image: ImageRef) -> bool:
@@ -194,17 +195,47 @@ def commit_images(refs: Iterable[str], images: ImagesConfig) -> dict[str, str]:
     When one repository appears with several commit tags the smallest tag wins, so the answer does not
     depend on the order Argo CD lists the images in.
     """
-    rule = CommitTagRule(images.commit_tag_pattern)
-    mapper = RepositoryMapper(images)
-    found: dict[str, str] = {}
-    for ref in refs:
+    return CommitImages(images)(refs)
+
+
+class CommitImages:
+    """``commit_images`` for one images configuration, remembering what each reference turned out to be.
+
+    The planner asks this for every Application on every tick; sidecar and base images recur across most of
+    them, so each distinct reference is parsed once (up to ``max_references``, then the rest are not kept).
+    """
+
+    def __init__(self, images: ImagesConfig, max_references: int = 20_000) -> None:
+        self._rule = CommitTagRule(images.commit_tag_pattern)
+        self._mapper = RepositoryMapper(images)
+        self._max = max_references
+        self._known: dict[str, tuple[str, str] | None] = {}
+
+    def __call__(self, refs: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for ref in refs:
+            if not isinstance(ref, str):
+                continue
+            if ref in self._known:
+                tagged = self._known[ref]
+            else:
+                tagged = self._commit_tagged(ref)
+                if len(self._known) < self._max:
+                    self._known[ref] = tagged
+            if tagged is None:
+                continue
+            repository, tag = tagged
+            current = found.get(repository)
+            if current is None or tag < current:
+                found[repository] = tag
+        return found
+
+    def _commit_tagged(self, ref: str) -> tuple[str, str] | None:
+        """``(image repository, tag)`` of a parseable, not ignored, commit-tagged reference, else ``None``."""
         try:
             image = parse_image(ref)
         except InvalidImageReference:
-            continue
-        if image.tag is None or mapper.ignored(image) or rule.commit_of(image.tag) is None:
-            continue
-        current = found.get(image.repository)
-        if current is None or image.tag < current:
-            found[image.repository] = image.tag
-    return found
+            return None
+        if image.tag is None or self._mapper.ignored(image) or self._rule.commit_of(image.tag) is None:
+            return None
+        return image.repository, image.tag

@@ -337,14 +337,12 @@ class _Planner:
         health = obs.health_status or "no health status"
         transition = obs.health_transition_at
         if op is not None and not op.dry_run and not op.partial and op.started_at > entry_start:
-            # A later full sync owns the live state now: the health no longer speaks for this entry.
-            if op.completed and op.failed:
-                if health == "Degraded" and transition is not None and entry_start <= transition < op.started_at:
-                    return _Verdict(Result.FAILED, f"Degraded at {format_time(transition)}, before the next sync")
-                return _Verdict(
-                    Result.SUCCESS, f"superseded by the sync started {format_time(op.started_at)} ({op.phase})"
-                )
-            return _Verdict(None, f"a newer sync started {format_time(op.started_at)} ({op.phase})")
+            # A later full sync owns the live state now: the health no longer speaks for this entry, so it is
+            # decided at once, like an entry superseded by a newer one. Waiting would let a newer sync that
+            # hangs (Progressing forever, endless retries) turn this entry into a FAILED after the timeout.
+            if health == "Degraded" and transition is not None and entry_start <= transition < op.started_at:
+                return _Verdict(Result.FAILED, f"Degraded at {format_time(transition)}, before the next sync")
+            return _Verdict(Result.SUCCESS, f"superseded by the sync started {format_time(op.started_at)} ({op.phase})")
         if obs.reconciled_at is None or obs.reconciled_at < entry.deployed_at - FRESHNESS_TOLERANCE:
             return _Verdict(None, f"status not refreshed since the sync ({health})")
         if health == "Healthy":

@@ -37,7 +37,7 @@ from reconciler.devlake import (
 from reconciler.enrich import Deferred, Enricher, Skipped
 from reconciler.exitcodes import UsageError
 from reconciler.github import GitHubClient
-from reconciler.images import InvalidImageReference, RepositoryMapper, commit_images, parse_image
+from reconciler.images import CommitImages, InvalidImageReference, RepositoryMapper, parse_image
 from reconciler.model import (
     AppKey,
     AppObservation,
@@ -167,9 +167,12 @@ class _Target:
 
     connection: ConnectionConfig
     sent: str
-    """Written once DevLake answered for good (delivered, or rejected and dead-lettered)."""
+    """Written once DevLake accepted it."""
     deduped: str
     """Written instead of ``sent`` when another Application of the component sends this change."""
+    rejected: str
+    """Written instead of ``sent`` when DevLake refused it for good (dead-lettered): a run moves on, a
+    backfill tries it again once the operator has fixed the cause."""
     component: str | None = None
     """The component-change marker; ``None`` when this delivery is not deduplicated (``dedupe: application``,
     or a deployment already recorded that a backfill sees again)."""
@@ -499,9 +502,10 @@ class Reconciler:
                         connection,
                         _sent_marker(connection.id, step.deployment.id),
                         _deduped_marker(connection.id, step.deployment.id),
+                        _rejected_marker(connection.id, step.deployment.id),
                     )
                     step.targets.append(target)
-                    probes += [target.sent, target.deduped]
+                    probes += [target.sent, target.deduped, target.rejected]
                 if dedupe and step.fingerprint is not None:
                     probes += [
                         _change_marker(work.observation, step.fingerprint, occurrence)
@@ -517,7 +521,7 @@ class Reconciler:
                 fingerprint = step.fingerprint
                 if fingerprint is None or not step.targets:
                     continue
-                if all(target.sent in existing or target.deduped in existing for target in step.targets):
+                if all(_handled(target, existing) for target in step.targets):
                     continue  # recorded before (a backfill sees it again): its occurrence is already counted
                 earlier = 0
                 while (
@@ -653,15 +657,12 @@ class Reconciler:
             connection = target.connection
             if target.deduped in existing:
                 continue
-            # A backfill re-sends what this connection already has (an upsert: same id), so DevLake ends up
-            # with every deployment still in Argo CD's history even if it lost some.
-            already_sent = target.sent in existing
-            if already_sent and not options.backfill:
+            # Never re-sent, not even by a backfill: the verdict of an entry that is no longer the newest can
+            # only be re-derived as "superseded: SUCCESS", which would overwrite a FAILURE in DevLake.
+            if target.sent in existing or (target.rejected in existing and not options.backfill):
                 continue
-            if (
-                not already_sent
-                and target.component is not None
-                and (target.component in existing or self._claim_holder(target.component) != deployment.id)
+            if target.component is not None and (
+                target.component in existing or self._claim_holder(target.component) != deployment.id
             ):
                 stats.deduplicated += 1
                 holder = self._claim_holder(target.component)
@@ -703,7 +704,7 @@ class Reconciler:
                     markers.append(target.component)
             elif delivery.outcome is DeliveryOutcome.REJECTED:
                 stats.dead_lettered += 1
-                markers.append(target.sent)
+                markers.append(target.rejected)
                 self._dead_letter(connection.id, deployment, payload, delivery.status, delivery.message)
             else:
                 stats.retry_later += 1
@@ -807,7 +808,7 @@ def planner_policy(config: Config, initialized_at: datetime | None, options: Run
         verdict_timeout=detection.verdict_timeout,
         failure_on_out_of_sync_missing=detection.failure_on_out_of_sync_missing,
         detect_image_only_changes=detection.detect_image_only_changes,
-        commit_images=lambda refs: commit_images(refs, images),
+        commit_images=CommitImages(images),
         backfill=options.backfill,
         since=options.since,
     )
@@ -821,8 +822,12 @@ def _deduped_marker(connection_id: int, deployment_id: str) -> str:
     return f"deduped:{connection_id}:{deployment_id}"
 
 
+def _rejected_marker(connection_id: int, deployment_id: str) -> str:
+    return f"rejected:{connection_id}:{deployment_id}"
+
+
 def _handled(target: _Target, existing: set[str]) -> bool:
-    return target.sent in existing or target.deduped in existing
+    return target.sent in existing or target.deduped in existing or target.rejected in existing
 
 
 def _component_marker(connection_id: int, component: str, fingerprint: str, occurrence: int) -> str:

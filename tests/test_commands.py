@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.factories import DEFAULT_REPO as GITOPS
-from tests.factories import at, git_source, history_entry, make_app, operation_state
+from tests.factories import at, git_source, history_entry, make_app, operation_state, set_health
 from tests.test_end_to_end import deployed_app, new_deployment
 from tests.world import IMAGE_REPO, World, log_lines
 
@@ -37,7 +37,7 @@ def state_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'state.db'}"
 
 
-def test_backfill_emits_every_history_entry_and_rerunning_it_sends_the_same_ids(
+def test_backfill_emits_every_history_entry_and_rerunning_it_sends_nothing_new(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
@@ -55,12 +55,36 @@ def test_backfill_emits_every_history_entry_and_rerunning_it_sends_the_same_ids(
         assert [c["commitSha"] for c in older["deploymentCommits"]] == [gitops[0]], "older entries: GitOps commit"
 
         assert world.run(command="backfill") == 0
-        again = [p["id"] for p in world.posts()[len(first) :]]
-        assert again == first, "a second backfill re-sends the same ids (DevLake upserts them)"
+        assert len(world.posts()) == 4, "a second backfill finds every id already delivered"
         assert len(world.devlake.deployment_rows(1)) == 4
 
         assert world.run() == 0
-        assert len(world.posts()) == 8, "a normal run after a backfill has nothing left to send"
+        assert len(world.posts()) == 4, "a normal run after a backfill has nothing left to send"
+
+
+def test_backfill_never_turns_a_delivered_failure_into_a_success(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 3)
+        images = world.github.add_commits("acme/payments-api", 3)
+        app = deployed_app(world, gitops[0], images[0])
+        world.set_apps([app])
+        assert world.run() == 0
+        broken = set_health(new_deployment(app, 1, gitops[1], images[1], minute=30), "Degraded", at(40))
+        world.set_apps([broken])
+        assert world.run() == 0
+        world.set_apps([new_deployment(broken, 2, gitops[2], images[2], minute=60)])
+        assert world.run() == 0
+        assert [p["result"] for p in world.posts()] == ["FAILURE", "SUCCESS"]
+
+        assert world.run(command="backfill") == 0
+        rows = world.devlake.deployment_rows(1)
+        h1 = next(row for deployment_id, row in rows.items() if deployment_id.endswith(":h1"))
+        assert h1["result"] == "FAILURE", "h1 is no longer the newest: a re-derived verdict would say SUCCESS"
+        assert {c["result"] for c in world.devlake.commit_rows(1) if c["cicd_deployment_id"].endswith(":h1")} == {
+            "FAILURE"
+        }
 
 
 def test_backfill_since_keeps_only_later_entries(
@@ -132,3 +156,25 @@ def test_rate_limited_github_defers_and_the_next_run_sends_the_deployment_comple
         assert world.run() == 0
         (body,) = world.posts()
         assert {c["commitSha"] for c in body["deploymentCommits"]} == {images[2], gitops[1]}
+
+
+def test_a_dead_lettered_deployment_is_left_by_runs_and_retried_by_a_backfill(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        app = deployed_app(world, gitops[0], images[0])
+        world.set_apps([app])
+        assert world.run() == 0
+        world.set_apps([new_deployment(app, 1, gitops[1], images[1], minute=30)])
+        world.devlake.fail_next(1, status=400)
+        assert world.run() == 0, "a permanent refusal is dead-lettered and the Application moves on"
+        assert world.run() == 0
+        assert world.posts() == [] and world.devlake.post_count == 1
+        capsys.readouterr()
+        assert world.run(command="status") == 0
+        assert "dead letters (1):" in capsys.readouterr().out
+
+        assert world.run("--since", "2025-06-03T09:20:00Z", command="backfill") == 0
+        assert [p["id"].rsplit(":", 1)[1] for p in world.posts()] == ["h1"], "retried once the cause is fixed"

@@ -75,10 +75,15 @@ def test_commit_by_full_sha(fake: FakeGitHub, cache: InMemoryCache) -> None:
     assert cache.keys("commit") == [f"acme/api@{sha}"]
 
 
-def test_repo_case_is_kept_as_configured(fake: FakeGitHub, cache: InMemoryCache) -> None:
+def test_every_spelling_of_a_repository_gives_one_canonical_repo_url(fake: FakeGitHub, cache: InMemoryCache) -> None:
     sha = fake.add_commit("acme/api")
-    commit = client_for(cache).commit("Acme/API", sha)
-    assert commit.repo_url == "https://github.com/Acme/API"
+    client = client_for(cache)
+    spellings = ["Acme/API", "acme/api", "ACME/Api"]
+    assert {client.commit(repo, sha).repo_url for repo in spellings} == {"https://github.com/acme/api"}
+    assert {client.commit(repo, sha).repo for repo in spellings} == {"acme/api"}
+    assert client.requests == 1, "one cache entry serves every spelling"
+    for url in ("https://github.com/Acme/API.git", "git@github.com:acme/api.git", "https://GitHub.com/ACME/api/"):
+        assert repository_from_url(url, "https://github.com") == "acme/api"
 
 
 def test_author_date_first_then_committer_date(fake: FakeGitHub, cache: InMemoryCache) -> None:
@@ -536,7 +541,7 @@ def test_github_app_without_its_key_is_unavailable(
         ("https://github.com/acme/deploy", "https://github.com", "acme/deploy"),
         ("https://github.com/acme/deploy.git", "https://github.com", "acme/deploy"),
         ("https://github.com/acme/deploy/", "https://github.com", "acme/deploy"),
-        ("http://github.com/Acme/Deploy.git", "https://github.com", "Acme/Deploy"),
+        ("http://github.com/Acme/Deploy.git", "https://github.com", "acme/deploy"),
         ("https://GitHub.com/acme/deploy", "https://github.com", "acme/deploy"),
         ("https://token@github.com/acme/deploy", "https://github.com", "acme/deploy"),
         ("git@github.com:acme/deploy.git", "https://github.com", "acme/deploy"),

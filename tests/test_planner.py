@@ -308,16 +308,31 @@ def test_undecided_health_is_pending_not_emitted(health: str | None) -> None:
     assert result.snapshot.pending == PendingVerdict(2, at(1)) and result.snapshot.last_history_id == 1
 
 
-def test_a_newer_sync_running_keeps_the_entry_pending() -> None:
+def test_a_newer_sync_running_settles_the_entry_as_superseded() -> None:
+    """The newer sync owns the live health; waiting for it would turn h2 into FAILED if that sync hangs."""
     snapshot = baseline(synced_app([entry(1, 1, -60)]))
     app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Progressing", transition=at(0, seconds=2))
     running = with_operation(
         with_operation_state(app, operation_state("Running", at(2), None, revision=sha(3))), sha(3)
     )
-    result = tick(set_health(running, "Healthy", at(3)), snapshot, at(4))
-    assert result.deployments == () and result.snapshot.pending == PendingVerdict(2, at(4))
-    assert any("a newer sync started" in note for note in result.notes)
+    result = tick(set_health(running, "Progressing", at(2, seconds=5)), snapshot, at(4))
+    (h2,) = result.deployments
+    assert h2.ref == "h2" and h2.result is Result.SUCCESS
+    assert result.snapshot.pending is None and result.snapshot.last_history_id == 2
     assert any("in progress" in note for note in result.notes)
+
+    hours_later = tick(set_health(running, "Progressing", at(2, seconds=5)), result.snapshot, at(240))
+    assert hours_later.deployments == (), "a newer sync that hangs never turns h2 into a failure"
+
+
+def test_an_entry_degraded_before_the_newer_sync_started_is_a_failure() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Degraded", transition=at(1))
+    running = with_operation(
+        with_operation_state(app, operation_state("Running", at(2), None, revision=sha(3))), sha(3)
+    )
+    (h2,) = tick(running, snapshot, at(4)).deployments
+    assert h2.result is Result.FAILED and "before the next sync" in h2.message
 
 
 # -- classification ----------------------------------------------------------------------------------------
