@@ -27,6 +27,9 @@ from reconciler.model import AppKey, AppObservation, HistoryEntry, OperationStat
 __all__ = ["MalformedApplication", "parse_application", "source_fingerprint"]
 
 _DESCRIBE_LIMIT = 40
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, check_circular=False)
+"""What ``json.dumps(..., sort_keys=True, separators=(",", ":"))`` writes, a third faster: one encoder for every call,
+and no cycle bookkeeping (a decoded API object has no cycles; a cyclic one still fails, with RecursionError)."""
 
 
 class MalformedApplication(ValueError):
@@ -63,12 +66,7 @@ def source_fingerprint(source: Any, sources: Any) -> str:
 
     Key order and whitespace do not matter; an absent field and ``null`` hash the same.
     """
-    canonical = json.dumps(
-        {"source": source, "sources": sources},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
+    canonical = _CANONICAL.encode({"source": source, "sources": sources})
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
@@ -216,7 +214,7 @@ def _history(status: Mapping[str, Any]) -> tuple[HistoryEntry, ...]:
     seen: dict[int, int] = {}
     for index, item in enumerate(items):
         path = f"status.history[{index}]"
-        if not isinstance(item, Mapping):
+        if type(item) is not dict and not isinstance(item, Mapping):
             raise MalformedApplication(f"{path}: expected an object, got {_describe(item)}")
         entry = _history_entry(item, path)
         if entry.id in seen:
@@ -322,7 +320,7 @@ def _resource_images(result: Mapping[str, Any], path: str) -> tuple[str, ...] | 
     reported = False
     for index, resource in enumerate(resources):
         resource_path = f"{path}[{index}]"
-        if not isinstance(resource, Mapping):
+        if type(resource) is not dict and not isinstance(resource, Mapping):
             raise MalformedApplication(f"{resource_path}: expected an object, got {_describe(resource)}")
         if resource.get("images") is None:
             continue
@@ -336,8 +334,8 @@ def _resource_images(result: Mapping[str, Any], path: str) -> tuple[str, ...] | 
 
 def _mapping(container: Mapping[str, Any], field: str, path: str) -> Mapping[str, Any] | None:
     value = container.get(field)
-    if value is None:
-        return None
+    if value is None or type(value) is dict:
+        return value
     if not isinstance(value, Mapping):
         raise MalformedApplication(f"{path}: expected an object, got {_describe(value)}")
     return value
@@ -347,6 +345,8 @@ def _list(container: Mapping[str, Any], field: str, path: str) -> list[Any] | tu
     value = container.get(field)
     if value is None:
         return ()
+    if type(value) is list:
+        return value
     if not isinstance(value, list | tuple):
         raise MalformedApplication(f"{path}: expected a list, got {_describe(value)}")
     return value
@@ -358,7 +358,8 @@ def _optional_string(container: Mapping[str, Any], field: str, path: str) -> str
         return None
     if not isinstance(value, str):
         raise MalformedApplication(f"{path}: expected a string, got {_describe(value)}")
-    _check_unicode(value, path)
+    if not value.isascii():
+        _check_unicode(value, path)
     return value
 
 
@@ -371,7 +372,8 @@ def _string_list(container: Mapping[str, Any], field: str, path: str) -> tuple[s
     for index, item in enumerate(items):
         if not isinstance(item, str):
             raise MalformedApplication(f"{path}[{index}]: expected a string, got {_describe(item)}")
-        _check_unicode(item, f"{path}[{index}]")
+        if not item.isascii():
+            _check_unicode(item, f"{path}[{index}]")
     return tuple(items)
 
 

@@ -82,7 +82,80 @@ class Enricher:
             return []
         workers = min(self.config.github.max_concurrency, len(batches))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enrich") as pool:
+            if len(batches) > 1:
+                try:
+                    self._prefetch(pool, batches)
+                except Exception:  # only an optimisation: each Application still resolves its own commits
+                    log.exception("prefetching commit lookups failed unexpectedly")
             return list(pool.map(lambda batch: self._enrich_isolated(batch[0], batch[1]), batches))
+
+    def _prefetch(
+        self, pool: ThreadPoolExecutor, batches: Sequence[tuple[Sequence[Deployment], Mapping[str, str]]]
+    ) -> None:
+        """Send the lookups of every Application's first deployment side by side, before any Application starts.
+
+        Each Application resolves its commits one round trip after another (head, then compare, then the GitOps
+        commit), and Applications of one component wait on the same lookups, so without this a burst costs a
+        chain of round trips per component. The GitHub client's per-tick memo makes this transparent: the
+        Applications then get these very answers (or errors), and no lookup is sent twice. A compare is only
+        sent once its head commit was found, as ``_enrich_one`` would.
+        """
+        firsts = [(deployments[0], previous) for deployments, previous in batches if deployments]
+        wanted = {pair for deployment, _ in firsts for pair in self._image_lookups(deployment)}
+        wanted.update(pair for deployment, _ in firsts for pair in self._gitops_lookups(deployment))
+        lookups = list(wanted)
+        commits = pool.map(lambda pair: self._quietly(self.github.commit, *pair), lookups)
+        found = dict(zip(lookups, commits, strict=True))
+        limit = self.config.github.max_commits_per_range
+        compares: set[tuple[str, str, str]] = set()
+        for deployment, previous in firsts:
+            heads: dict[str, set[str]] = {}
+            for repo, sha in self._image_lookups(deployment):
+                commit = found.get((repo, sha))
+                if commit is not None:
+                    heads.setdefault(repo, set()).add(commit.sha)
+            for repo, shas in heads.items():
+                base = previous.get(repo)
+                if len(shas) == 1 and base is not None and base.lower() not in shas:
+                    compares.add((repo, base, next(iter(shas))))
+        list(pool.map(lambda c: self._quietly(self.github.compare, c[0], c[1], c[2], limit), compares))
+
+    @staticmethod
+    def _quietly(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+        try:
+            return function(*args, **kwargs)
+        except Exception:  # remembered by the client's memo; the Application's own call gets the same error
+            return None
+
+    def _image_lookups(self, deployment: Deployment) -> list[tuple[str, str]]:
+        """``(repo, commit tag)`` of each mapped, commit-tagged image, as ``_image_heads`` looks them up."""
+        lookups: list[tuple[str, str]] = []
+        for raw in dict.fromkeys(deployment.images):
+            try:
+                image = parse_image(raw)
+            except InvalidImageReference:
+                continue
+            if image.tag is None or self.mapper.ignored(image):
+                continue
+            sha = self.rule.commit_of(image.tag)
+            repo = self.mapper.repository_for(image) if sha is not None else None
+            if sha is not None and repo is not None:
+                lookups.append((repo, sha))
+        return lookups
+
+    def _gitops_lookups(self, deployment: Deployment) -> list[tuple[str, str]]:
+        """``(repo, revision)`` of each Git source's commit, as ``_gitops_commits`` looks them up."""
+        if not self.config.devlake.include_gitops_commit:
+            return []
+        lookups: list[tuple[str, str]] = []
+        for index, source in enumerate(deployment.sources):
+            if source.chart or index >= len(deployment.revisions):
+                continue
+            revision = deployment.revisions[index]
+            repo = repository_from_url(source.repo_url, self.github.web_url) if _FULL_SHA.fullmatch(revision) else None
+            if repo is not None:
+                lookups.append((repo, revision))
+        return lookups
 
     def _enrich_isolated(self, deployments: Sequence[Deployment], previous: Mapping[str, str]) -> list[EnrichOutcome]:
         try:
