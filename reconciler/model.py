@@ -184,6 +184,9 @@ class Snapshot:
     last_deployment_started_at: datetime | None = None
     pending: PendingVerdict | None = None
     deleting_since: datetime | None = None
+    settled_digest: str | None = None
+    """Digest of what the planner read (``application.settled_digest``) when the last tick left nothing to
+    decide; the same digest next time means the Application did not change and need not be parsed."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -203,6 +206,7 @@ class Snapshot:
                     else {"history_id": self.pending.history_id, "since": format_time(self.pending.since)}
                 ),
                 "deleting_since": _format_optional(self.deleting_since),
+                "settled_digest": self.settled_digest,
             },
             separators=(",", ":"),
         )
@@ -229,6 +233,7 @@ class Snapshot:
                 else PendingVerdict(history_id=int(pending["history_id"]), since=parse_time(pending["since"]))
             ),
             deleting_since=_parse_optional(data.get("deleting_since")),
+            settled_digest=data.get("settled_digest"),
         )
 
     def evolve(self, **changes: Any) -> Snapshot:

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TextIO
+from typing import Any, NamedTuple, Protocol, TextIO
 
-from reconciler.application import MalformedApplication, parse_application
+from reconciler.application import MalformedApplication, application_key, parse_application, settled_digest
 from reconciler.argocd import ClusterLister, ClusterUnavailable
 from reconciler.config import ClusterConfig, Config, ConnectionConfig
 from reconciler.devlake import (
@@ -195,6 +195,12 @@ class _Step:
     targets: list[_Target] = field(default_factory=list)
 
 
+class _Changed(NamedTuple):
+    observation: AppObservation
+    stored: Snapshot | None
+    digest: str | None
+
+
 @dataclass
 class _AppWork:
     observation: AppObservation
@@ -354,11 +360,11 @@ class Reconciler:
         initialized_at = self.store.initialized_at(cluster.name)
         policy = planner_policy(self.config, initialized_at, options)
         seen: set[AppKey] = set()
+        salt = _decision_salt(self.config)
         last_progress = self.monotonic()
         for page in self.lister_factory(cluster).pages():
-            observations = self._parse_page(page, cluster.name, options, summary)
-            seen.update(observation.key for observation in observations)
-            self._process_page(observations, policy, now, options, summary, budget)
+            changed = self._parse_page(page, cluster.name, options, summary, salt, seen)
+            self._process_page(changed, policy, now, options, summary, budget)
             if self._halted():
                 summary.errors.append(f"cluster {cluster.name}: stopped before the listing was finished")
                 return
@@ -373,10 +379,35 @@ class Reconciler:
             log.info("cluster initialised", extra={"cluster": cluster.name, "apps": len(seen)})
 
     def _parse_page(
-        self, page: Sequence[Any], cluster: str, options: RunOptions, summary: RunSummary
-    ) -> list[AppObservation]:
-        observations: list[AppObservation] = []
+        self,
+        page: Sequence[Any],
+        cluster: str,
+        options: RunOptions,
+        summary: RunSummary,
+        salt: str,
+        seen: set[AppKey],
+    ) -> list[_Changed]:
+        """The selected Applications of a page that may have changed, parsed, with their stored snapshots.
+
+        An Application whose settled digest equals the one its snapshot stored is unchanged since a tick
+        that left nothing to decide: it is not parsed nor planned (the steady state costs the listing, one
+        batched snapshot read and a digest per Application). A backfill looks at everything.
+        """
+        candidates: list[tuple[Any, AppKey | None]] = []
         for raw in page:
+            key = application_key(raw, cluster)
+            if key is not None and not self._selected(key, options):
+                continue
+            candidates.append((raw, key))
+        snapshots = self.store.load_snapshots([key for _, key in candidates if key is not None])
+        changed: list[_Changed] = []
+        for raw, key in candidates:
+            stored = snapshots.get(key) if key is not None else None
+            digest = None if options.backfill else settled_digest(raw, salt)
+            if key is not None and stored is not None and digest is not None and stored.settled_digest == digest:
+                seen.add(key)
+                summary.apps_listed += 1
+                continue
             try:
                 observation = parse_application(raw, cluster)
             except MalformedApplication as error:
@@ -386,30 +417,34 @@ class Reconciler:
                     extra={"cluster": cluster, "app": _raw_name(raw), "reason": str(error)},
                 )
                 continue
-            if not self.config.applications.selects(observation.key.qualified_name):
+            if key is None and not self._selected(observation.key, options):
                 continue
-            if options.shard and not options.shard.owns(observation.key):
-                continue
-            observations.append(observation)
-        summary.apps_listed += len(observations)
-        return observations
+            seen.add(observation.key)
+            summary.apps_listed += 1
+            changed.append(_Changed(observation, stored, digest))
+        return changed
+
+    def _selected(self, key: AppKey, options: RunOptions) -> bool:
+        if not self.config.applications.selects(key.qualified_name):
+            return False
+        return options.shard is None or options.shard.owns(key)
 
     def _process_page(
         self,
-        observations: list[AppObservation],
+        changed: list[_Changed],
         policy: PlannerPolicy,
         now: datetime,
         options: RunOptions,
         summary: RunSummary,
         budget: RetryBudget,
     ) -> None:
-        if not observations:
+        if not changed:
             return
-        snapshots = self.store.load_snapshots([o.key for o in observations])
         quiet: dict[AppKey, Snapshot] = {}
         busy: list[_AppWork] = []
-        for observation in observations:
-            snapshot = snapshots.get(observation.key)
+        for observation, stored, digest in changed:
+            # The planner never sees (so never carries forward) a settled digest: only a settled plan sets one.
+            snapshot = stored.evolve(settled_digest=None) if stored and stored.settled_digest else stored
             app_plan = plan(observation, snapshot, now, policy)
             for note in app_plan.notes:
                 log.info(note, extra={"app": str(observation.key)})
@@ -417,8 +452,14 @@ class Reconciler:
                 summary.deployments_pending += 1
             if app_plan.deployments:
                 busy.append(_AppWork(observation, snapshot, app_plan))
-            elif not app_plan.deferred and app_plan.snapshot != snapshot:
-                quiet[observation.key] = app_plan.snapshot
+                continue
+            if app_plan.deferred:
+                continue
+            final = app_plan.snapshot
+            if digest is not None and final.pending is None:
+                final = final.evolve(settled_digest=digest)
+            if final != stored:
+                quiet[observation.key] = final
         if quiet and not options.dry_run:
             self.store.save_snapshots(quiet)
         if not busy:
@@ -791,7 +832,11 @@ class Reconciler:
         grace = self.config.detection.deleted_grace
         snapshots = self.store.load_snapshots(stored)
         expired = [k for k, s in snapshots.items() if s.deleting_since is not None and now - s.deleting_since >= grace]
-        marked = {k: s.evolve(deleting_since=now) for k, s in snapshots.items() if s.deleting_since is None}
+        marked = {
+            k: s.evolve(deleting_since=now, settled_digest=None)
+            for k, s in snapshots.items()
+            if s.deleting_since is None
+        }
         if marked:
             self.store.save_snapshots(marked)
         if expired:
@@ -842,6 +887,12 @@ def _change_marker(observation: AppObservation, fingerprint: str, occurrence: in
     same change again) go out, while a second Application making a change already sent is deduplicated."""
     key = observation.key
     return f"change:{key.cluster}:{key.namespace}:{key.name}:{observation.uid[:8]}:{fingerprint}:{occurrence}"
+
+
+def _decision_salt(config: Config) -> str:
+    """The configuration that shapes the planner's decisions: changing it invalidates every settled digest."""
+    shaping = {"detection": config.detection.model_dump(mode="json"), "images": config.images.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _raw_name(raw: Any) -> str:

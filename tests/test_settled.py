@@ -1,0 +1,146 @@
+"""The steady-state fast path: an Application unchanged since a settled tick is neither parsed nor planned."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler import reconcile
+from reconciler.application import parse_application, settled_digest
+from reconciler.config import load_config
+from reconciler.model import AppKey
+from reconciler.store import open_store
+from tests.factories import (
+    at,
+    fake_sha,
+    mark_deleting,
+    operation_state,
+    redeployed,
+    set_health,
+    set_reconciled,
+    set_summary_images,
+    settled_app,
+    with_operation,
+    with_operation_state,
+)
+from tests.world import IMAGE_REPO, World
+
+GITOPS, IMAGE = fake_sha("gitops-0"), fake_sha("image-0")
+
+
+def base() -> dict[str, Any]:
+    return settled_app("payments-api", GITOPS, f"{IMAGE_REPO}:{IMAGE}")
+
+
+def bump_metadata(app: dict[str, Any]) -> dict[str, Any]:
+    app = set_reconciled(app, at(90))
+    app["metadata"]["resourceVersion"] = "99999999"
+    app["metadata"]["generation"] += 7
+    return app
+
+
+CHANGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "new history entry": lambda app: redeployed(app, 1, fake_sha("gitops-1"), f"{IMAGE_REPO}:{IMAGE}", 30),
+    "health": lambda app: set_health(app, "Degraded", at(1)),
+    "health transition": lambda app: set_health(app, "Healthy", at(20)),
+    "live images": lambda app: set_summary_images(app, [f"{IMAGE_REPO}:{fake_sha('image-1')}"]),
+    "failed operation": lambda app: with_operation_state(app, operation_state("Failed", at(40), at(41))),
+    "sync requested": lambda app: with_operation(app, fake_sha("gitops-2")),
+    "deletion": lambda app: mark_deleting(app, at(50)),
+}
+
+
+def test_the_digest_ignores_refreshes_and_sees_every_change_the_planner_reads() -> None:
+    app = base()
+    digest = settled_digest(app, "salt")
+    assert digest is not None
+    assert settled_digest(bump_metadata(app), "salt") == digest, "refreshes move reconciledAt and resourceVersion"
+    for change, apply in CHANGES.items():
+        assert settled_digest(apply(base()), "salt") != digest, change
+    recreated = base()
+    recreated["metadata"]["uid"] = "another-uid"
+    assert settled_digest(recreated, "salt") != digest
+    assert settled_digest(app, "other configuration") != digest
+
+
+@pytest.mark.parametrize("garbage", [None, [], "app", {"metadata": None}, {"metadata": {}}, {"status": []}])
+def test_the_digest_of_garbage_is_none_so_it_is_parsed_and_reported(garbage: Any) -> None:
+    assert settled_digest(garbage) is None
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the Applications the tick parsed."""
+    seen: list[str] = []
+
+    def counting(raw: Any, cluster: str) -> Any:
+        seen.append(raw["metadata"]["name"])
+        return parse_application(raw, cluster)
+
+    monkeypatch.setattr(reconcile, "parse_application", counting)
+    return seen
+
+
+def test_a_steady_tick_parses_nothing_and_a_change_is_still_seen(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, parses: list[str]
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        apps = [settled_app(name, gitops[0], f"{IMAGE_REPO}:{images[0]}") for name in ("a", "b", "c")]
+        world.set_apps(apps)
+        assert world.run() == 0
+        assert sorted(parses) == ["a", "b", "c"]
+
+        parses.clear()
+        world.set_apps([bump_metadata(app) for app in apps])
+        assert world.run() == 0
+        assert parses == [], "refreshed but unchanged Applications are not parsed"
+
+        world.set_apps([apps[0], redeployed(apps[1], 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", 30), apps[2]])
+        assert world.run() == 0
+        assert parses == ["b"]
+        assert [p["id"].rsplit(":", 1)[1] for p in world.posts()] == ["h1"]
+
+        parses.clear()
+        assert world.run() == 0
+        assert parses == ["b"], "after a deployment one full tick settles it again"
+        parses.clear()
+        assert world.run() == 0
+        assert parses == []
+
+
+def test_changing_the_decision_config_parses_everything_again(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, parses: list[str]
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        world.set_apps([base()])
+        assert world.run() == 0
+        parses.clear()
+        monkeypatch.setenv("DORA__DETECTION__DETECT_IMAGE_ONLY_CHANGES", "false")
+        assert world.run() == 0
+        assert parses == ["payments-api"]
+
+
+def test_an_application_listed_again_after_going_missing_is_not_forgotten(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with World(tmp_path, state_url, monkeypatch) as world:
+        world.set_apps([base()])
+        assert world.run() == 0
+        world.set_apps([])
+        assert world.run() == 0
+        world.set_apps([base()])
+        assert world.run() == 0
+
+        store = open_store(load_config(world.config_path).state)
+        try:
+            key = AppKey("prod-east", "argocd", "payments-api")
+            snapshot = store.load_snapshots([key])[key]
+        finally:
+            store.close()
+        assert snapshot.deleting_since is None, "a stale 'missing since' would drop it after the grace period"
+        assert snapshot.settled_digest is not None
