@@ -37,7 +37,7 @@ from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
 from reconciler.model import AppKey, Snapshot
 from reconciler.reconcile import Reconciler, RunOptions, RunSummary
-from reconciler.store import Store, open_store
+from reconciler.store import Store, StoredSnapshot, open_store
 from tests.fakes.github import FakeGitHub, Reply
 
 GITHUB_TOKEN_ENV = "BENCH_GITHUB_TOKEN"
@@ -85,6 +85,10 @@ class CountingStore:
     def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]:
         self.counts["snapshot_reads"] += 1
         return self.inner.load_snapshots(keys)
+
+    def load_stored(self, keys: Sequence[AppKey]) -> dict[AppKey, StoredSnapshot]:
+        self.counts["snapshot_reads"] += 1
+        return self.inner.load_stored(keys)
 
     def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None:
         self.counts["snapshot_writes"] += len(snapshots)

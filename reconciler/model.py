@@ -192,6 +192,7 @@ class Snapshot:
         return json.dumps(
             {
                 "version": SNAPSHOT_VERSION,
+                "settled_digest": self.settled_digest,
                 "uid": self.uid,
                 "last_seen": format_time(self.last_seen),
                 "last_history_id": self.last_history_id,
@@ -206,7 +207,6 @@ class Snapshot:
                     else {"history_id": self.pending.history_id, "since": format_time(self.pending.since)}
                 ),
                 "deleting_since": _format_optional(self.deleting_since),
-                "settled_digest": self.settled_digest,
             },
             separators=(",", ":"),
         )
@@ -238,6 +238,19 @@ class Snapshot:
 
     def evolve(self, **changes: Any) -> Snapshot:
         return replace(self, **changes)
+
+
+_SETTLED_PREFIX = f'{{"version":{SNAPSHOT_VERSION},"settled_digest":"'
+
+
+def stored_settled_digest(text: str) -> str | None:
+    """The settled digest of a stored snapshot's JSON, read without decoding it (``to_json`` writes it
+    second, right after the version); ``None`` when there is none or the text has another shape."""
+    if not text.startswith(_SETTLED_PREFIX):
+        return None
+    start = len(_SETTLED_PREFIX)
+    end = text.find('"', start)
+    return text[start:end] if 0 < end - start <= 64 else None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from reconciler.config import StateConfig
-from reconciler.model import AppKey, Snapshot, parse_time
+from reconciler.model import AppKey, Snapshot, parse_time, stored_settled_digest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]: ...
+    def load_stored(self, keys: Sequence[AppKey]) -> dict[AppKey, StoredSnapshot]: ...
     def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None: ...
     def delete_snapshots(self, keys: Sequence[AppKey]) -> None: ...
     def snapshot_keys(self, cluster: str) -> list[AppKey]: ...
@@ -143,6 +144,27 @@ def _format_instant(when: datetime) -> str:
 
 def _marker_value() -> str:
     return json.dumps({"version": VALUE_VERSION, "at": _format_instant(datetime.now(UTC))}, separators=(",", ":"))
+
+
+class StoredSnapshot:
+    """A snapshot as stored: its settled digest is read at once, the rest only decoded when asked for."""
+
+    __slots__ = ("_decoded", "key", "settled_digest", "text")
+
+    def __init__(self, key: AppKey, text: str | bytes) -> None:
+        self.key = key
+        self.text = text.decode() if isinstance(text, bytes) else text
+        self.settled_digest = stored_settled_digest(self.text)
+        self._decoded: tuple[Snapshot | None] | None = None
+
+    def snapshot(self) -> Snapshot | None:
+        if self._decoded is None:
+            self._decoded = (_parse_snapshot(self.text, self.key),)
+        return self._decoded[0]
+
+
+def _decoded(stored: Mapping[AppKey, StoredSnapshot]) -> dict[AppKey, Snapshot]:
+    return {key: snapshot for key, item in stored.items() if (snapshot := item.snapshot()) is not None}
 
 
 def _parse_snapshot(text: str | bytes, key: AppKey) -> Snapshot | None:
@@ -271,6 +293,9 @@ class RedisStore:
     # snapshots
 
     def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]:
+        return _decoded(self.load_stored(keys))
+
+    def load_stored(self, keys: Sequence[AppKey]) -> dict[AppKey, StoredSnapshot]:
         by_cluster: dict[str, list[AppKey]] = defaultdict(list)
         for key in dict.fromkeys(keys):
             by_cluster[key.cluster].append(key)
@@ -281,11 +306,11 @@ class RedisStore:
             for cluster, members in groups:
                 pipe.hmget(self._snap_key(cluster), [key.qualified_name for key in members])
             replies: list[list[str | None]] = pipe.execute()
-        found: dict[AppKey, Snapshot] = {}
+        found: dict[AppKey, StoredSnapshot] = {}
         for (_, members), values in zip(groups, replies, strict=True):
             for key, text in zip(members, values, strict=True):
-                if text is not None and (snapshot := _parse_snapshot(text, key)) is not None:
-                    found[key] = snapshot
+                if text is not None:
+                    found[key] = StoredSnapshot(key, text)
         return found
 
     def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None:
@@ -541,8 +566,11 @@ class SQLiteStore:
     # snapshots
 
     def load_snapshots(self, keys: Sequence[AppKey]) -> dict[AppKey, Snapshot]:
+        return _decoded(self.load_stored(keys))
+
+    def load_stored(self, keys: Sequence[AppKey]) -> dict[AppKey, StoredSnapshot]:
         unique = list(dict.fromkeys(keys))
-        found: dict[AppKey, Snapshot] = {}
+        found: dict[AppKey, StoredSnapshot] = {}
         with self._read() as conn:
             for chunk in _chunks(unique):
                 values = ",".join("(?,?,?)" for _ in chunk)
@@ -556,8 +584,7 @@ class SQLiteStore:
                 ).fetchall()
                 for cluster, namespace, name, text in rows:
                     key = AppKey(cluster, namespace, name)
-                    if (snapshot := _parse_snapshot(text, key)) is not None:
-                        found[key] = snapshot
+                    found[key] = StoredSnapshot(key, text)
         return found
 
     def save_snapshots(self, snapshots: Mapping[AppKey, Snapshot]) -> None:

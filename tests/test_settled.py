@@ -144,3 +144,22 @@ def test_an_application_listed_again_after_going_missing_is_not_forgotten(
             store.close()
         assert snapshot.deleting_since is None, "a stale 'missing since' would drop it after the grace period"
         assert snapshot.settled_digest is not None
+
+
+def test_the_store_reads_the_settled_digest_without_decoding_the_snapshot(store: Any) -> None:
+    from datetime import UTC, datetime
+
+    from reconciler.model import Snapshot, stored_settled_digest
+
+    key, other = AppKey("prod", "argocd", "settled"), AppKey("prod", "argocd", "busy")
+    settled = Snapshot(uid="u1", last_seen=datetime(2026, 1, 1, tzinfo=UTC), settled_digest="0123abcd" * 4)
+    busy = Snapshot(uid="u2", last_seen=datetime(2026, 1, 1, tzinfo=UTC), last_history_id=3)
+    store.save_snapshots({key: settled, other: busy})
+
+    loaded = store.load_stored([key, other, AppKey("prod", "argocd", "absent")])
+    assert set(loaded) == {key, other}
+    assert loaded[key].settled_digest == settled.settled_digest
+    assert loaded[other].settled_digest is None
+    assert loaded[key].snapshot() == settled and loaded[other].snapshot() == busy
+    assert stored_settled_digest(settled.to_json()) == settled.settled_digest
+    assert stored_settled_digest('{"uid":"x"}') is None
