@@ -50,11 +50,13 @@ class Runtime:
     """How every client waits between retries (Kubernetes, GitHub, DevLake); tests pass a no-op."""
 
     @classmethod
-    def open(cls, config: Config, *, sleep: Callable[[float], None] = time.sleep) -> Runtime:
-        """Open the state store and build the clients. Raises ``StoreUnavailable`` (nothing is left open then)."""
+    def open(cls, config: Config, *, sleep: Callable[[float], None] = time.sleep, read_only: bool = False) -> Runtime:
+        """Open the state store and build the clients. Raises ``StoreUnavailable`` (nothing is left open then).
+
+        ``read_only`` (``--dry-run``): GitHub answers are cached for this process only, never in the store."""
         store = open_store(config.state)
         try:
-            github = GitHubClient(config.github, store, sleep=sleep)
+            github = GitHubClient(config.github, _ProcessCache(store) if read_only else store, sleep=sleep)
             devlake = DevLakeClient(config.devlake, sleep=sleep)
         except BaseException:
             store.close()
@@ -87,6 +89,24 @@ class Runtime:
     def close(self) -> None:
         self.devlake.close()
         self.store.close()
+
+
+class _ProcessCache:
+    """Reads the store's GitHub cache, keeps new entries in memory: a dry run changes no state."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._local: dict[tuple[str, str], str] = {}
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        found = {key: self._local[(kind, key)] for key in keys if (kind, key) in self._local}
+        missing = [key for key in keys if key not in found]
+        if missing:
+            found.update(self._store.cache_get(kind, missing))
+        return found
+
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
+        self._local.update({(kind, key): value for key, value in items.items()})
 
 
 def log_summary(summary: RunSummary) -> None:
@@ -168,7 +188,7 @@ def run_command(
         since=since,
     )
     try:
-        runtime = Runtime.open(config)
+        runtime = Runtime.open(config, read_only=dry_run)
     except StoreUnavailable as error:
         _store_unavailable_at_start(error)
         return aborted(exitcodes.RETRY)

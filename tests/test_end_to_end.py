@@ -107,9 +107,11 @@ def test_dry_run_prints_payloads_and_changes_nothing(
             assert [line["connection"] for line in lines] == [1]
             assert lines[0]["payload"]["id"].endswith(":h1")
         assert world.devlake.post_count == 0
+        github_before = world.github.count("all")
 
         assert world.run() == 0, "the real run still has the deployment to send"
         assert [p["id"] for p in world.posts()] == [lines[0]["payload"]["id"]]
+        assert world.github.count("all") > github_before, "the dry runs cached nothing in the state store"
 
 
 def test_malformed_application_is_skipped_and_the_others_are_delivered(
