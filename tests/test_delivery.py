@@ -179,6 +179,17 @@ def deploy(
     return factories.redeployed(app, history_id, gitops_sha, image_of(image_repo, image_sha), 10.0 * history_id)
 
 
+def three_deployments_waiting(world: World, *names: str) -> None:
+    """Each Application named is baselined by a first run, then deploys history ids 1, 2 and 3 (not run yet)."""
+    gitops, images = payments_world(world)
+    apps = [settled_app(name, gitops[0], images[0]) for name in names]
+    world.set_apps(apps)
+    assert world.run() == 0
+    for i in (1, 2, 3):
+        apps = [deploy(app, i, gitops[i], images[i]) for app in apps]
+    world.set_apps(apps)
+
+
 def id_of(name: str, ref: str, namespace: str = NAMESPACE) -> str:
     return deployment_id(AppKey(CLUSTER, namespace, name), fake_uid(f"{namespace}/{name}"), ref)
 
@@ -631,13 +642,7 @@ def test_a_rejected_deployment_is_dead_lettered_the_application_moves_on_and_sta
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch) as (world, devlake):
-        gitops, images = payments_world(world)
-        app = settled_app("payments-api", gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
-        for i in (1, 2, 3):
-            app = deploy(app, i, gitops[i], images[i])
-        world.set_apps([app])
+        three_deployments_waiting(world, "payments-api")
         rejected = id_of("payments-api", "h2")
         devlake.answer(rejected, 400)
 
@@ -701,14 +706,8 @@ def test_deployments_of_one_application_arrive_in_history_order(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=one_page(tmp_path)) as (world, devlake):
-        gitops, images = payments_world(world)
         names = ["alpha", "beta", "gamma"]
-        apps = [settled_app(name, gitops[0], images[0]) for name in names]
-        world.set_apps(apps)
-        assert world.run() == 0
-        for i in (1, 2, 3):
-            apps = [deploy(app, i, gitops[i], images[i]) for app in apps]
-        world.set_apps(apps)
+        three_deployments_waiting(world, *names)
         assert world.run() == 0
         groups = in_order_per_app(devlake.accepted_ids())
         assert groups == {id_of(name, "h1").rsplit(":", 1)[0]: ids_of(name, 1, 2, 3) for name in names}
@@ -721,14 +720,8 @@ def test_a_burst_of_300_deployments_over_100_applications_is_delivered_once_each
     with open_world(
         tmp_path, redis_state, monkeypatch, config=one_page(tmp_path, 50), devlake={"max_concurrency": bound}
     ) as (world, devlake):
-        gitops, images = payments_world(world)
         names = [f"svc-{n:03d}" for n in range(100)]
-        apps = [settled_app(name, gitops[0], images[0]) for name in names]
-        world.set_apps(apps)
-        assert world.run() == 0
-        for i in (1, 2, 3):
-            apps = [deploy(app, i, gitops[i], images[i]) for app in apps]
-        world.set_apps(apps)
+        three_deployments_waiting(world, *names)
         devlake.delay(0.005)
 
         assert world.run() == 0
@@ -795,13 +788,7 @@ def test_a_run_killed_at_any_step_of_a_delivery_leaves_every_deployment_in_devla
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, where: str, nth: int
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch) as (world, devlake):
-        gitops, images = payments_world(world)
-        app = settled_app("payments-api", gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
-        for i in (1, 2, 3):
-            app = deploy(app, i, gitops[i], images[i])
-        world.set_apps([app])
+        three_deployments_waiting(world, "payments-api")
         expected = ids_of("payments-api", 1, 2, 3)
 
         with crash_at(where, nth) as dead, pytest.raises(Crash):
@@ -929,13 +916,7 @@ def test_a_run_that_loses_its_lock_stops_sending(
     tmp_path: Path, redis_state: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with open_world(tmp_path, redis_state, monkeypatch) as (world, devlake):
-        gitops, images = payments_world(world)
-        app = settled_app("payments-api", gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
-        for i in (1, 2, 3):
-            app = deploy(app, i, gitops[i], images[i])
-        world.set_apps([app])
+        three_deployments_waiting(world, "payments-api")
 
         lost = threading.Event()
         real_deliver = DevLakeClient.deliver
