@@ -280,9 +280,16 @@ class Reconciler:
 
     def run(self, options: RunOptions, command: str = "run") -> RunSummary:
         """One pass over every selected cluster. Raises ``LockHeld`` when another run holds a cluster."""
-        # What exists before the pass (modules, clients, config) lives as long as the process: moving it out of
-        # the collector's reach keeps the many short-lived objects of decoding pages from re-scanning it.
+        # What exists before the pass (modules, clients, config) outlives it: moving it out of the collector's
+        # reach keeps the many short-lived objects of decoding pages from re-scanning it. Unfrozen afterwards,
+        # so that in ``serve`` garbage frozen by chance is collected after all.
         gc.freeze()
+        try:
+            return self._run(options, command)
+        finally:
+            gc.unfreeze()
+
+    def _run(self, options: RunOptions, command: str) -> RunSummary:
         started = self.monotonic()
         summary = RunSummary(run_id=uuid.uuid4().hex[:12], command=command, started_at=format_time(self.clock()))
         clusters = self._selected_clusters(options)

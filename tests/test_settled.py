@@ -163,3 +163,16 @@ def test_the_store_reads_the_settled_digest_without_decoding_the_snapshot(store:
     assert loaded[key].snapshot() == settled and loaded[other].snapshot() == busy
     assert stored_settled_digest(settled.to_json()) == settled.settled_digest
     assert stored_settled_digest('{"uid":"x"}') is None
+
+
+def test_a_run_leaves_nothing_frozen_out_of_the_collectors_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve runs pass after pass in one process: what a pass freezes must be handed back to the collector."""
+    import gc
+
+    with World(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", monkeypatch) as world:
+        world.set_apps([base()])
+        for _ in range(3):
+            assert world.run() == 0
+            assert gc.get_freeze_count() == 0
