@@ -9,7 +9,7 @@ import pytest
 
 from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import at, git_source, history_entry, make_app, operation_state, set_health
-from tests.test_end_to_end import deployed_app, new_deployment
+from tests.test_end_to_end import baselined, deployed_app, new_deployment
 from tests.world import IMAGE_REPO, World, log_lines
 
 
@@ -66,11 +66,7 @@ def test_backfill_never_turns_a_delivered_failure_into_a_success(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 3)
-        images = world.github.add_commits("acme/payments-api", 3)
-        app = deployed_app(world, gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, images, app = baselined(world, 3)
         broken = set_health(new_deployment(app, 1, gitops[1], images[1], minute=30), "Degraded", at(40))
         world.set_apps([broken])
         assert world.run() == 0
@@ -136,11 +132,7 @@ def test_rate_limited_github_defers_and_the_next_run_sends_the_deployment_comple
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        images = world.github.add_commits("acme/payments-api", 3)
-        app = deployed_app(world, gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, images, app = baselined(world, 2, images=3)
         world.set_apps([new_deployment(app, 1, gitops[1], images[2], minute=30)])
         reset = at(120)
         world.github.exhaust_rate_limit(reset)
@@ -162,11 +154,7 @@ def test_a_dead_lettered_deployment_is_left_by_runs_and_retried_by_a_backfill(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        images = world.github.add_commits("acme/payments-api", 2)
-        app = deployed_app(world, gitops[0], images[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, images, app = baselined(world, 2)
         world.set_apps([new_deployment(app, 1, gitops[1], images[1], minute=30)])
         world.devlake.fail_next(1, status=400)
         assert world.run() == 0, "a permanent refusal is dead-lettered and the Application moves on"

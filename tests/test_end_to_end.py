@@ -24,16 +24,22 @@ def new_deployment(
     return redeployed(app, history_id, gitops_sha, f"{IMAGE_REPO}:{image_sha}", minute)
 
 
+def baselined(world: World, gitops: int, *run_args: str, images: int | None = None) -> tuple[list[str], list[str], Any]:
+    """``gitops`` GitOps commits and ``images`` (default: as many) image commits on GitHub, and the app
+    deployed at the first of each, recorded by a first (baseline) run."""
+    gitops_shas = world.github.add_commits("acme/gitops", gitops)
+    image_shas = world.github.add_commits("acme/payments-api", images or gitops)
+    app = deployed_app(world, gitops_shas[0], image_shas[0])
+    world.set_apps([app])
+    assert world.run(*run_args) == 0
+    return gitops_shas, image_shas, app
+
+
 def test_baseline_then_exactly_one_deployment_then_nothing(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        image = world.github.add_commits("acme/payments-api", 3)
-        app = deployed_app(world, gitops[0], image[0])
-        world.set_apps([app])
-
-        assert world.run() == 0
+        gitops, image, app = baselined(world, 2, images=3)
         assert world.devlake.post_count == 0, "the first run of a cluster only records a baseline"
         assert world.github.count("all") == 0
 
@@ -74,11 +80,7 @@ def test_range_mode_sends_every_commit_since_the_previous_deployment(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with World(tmp_path, state_url, monkeypatch, config={"devlake": {"commits": "range"}}) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        image = world.github.add_commits("acme/payments-api", 4)
-        app = deployed_app(world, gitops[0], image[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, image, app = baselined(world, 2, images=4)
         world.set_apps([new_deployment(app, 1, gitops[1], image[3], minute=30)])
         assert world.run() == 0
 
@@ -93,11 +95,7 @@ def test_dry_run_prints_payloads_and_changes_nothing(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        image = world.github.add_commits("acme/payments-api", 2)
-        app = deployed_app(world, gitops[0], image[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, image, app = baselined(world, 2)
         world.set_apps([new_deployment(app, 1, gitops[1], image[1], minute=30)])
         capsys.readouterr()
 
@@ -142,11 +140,7 @@ def test_failed_sync_is_one_failure_on_the_deployment_and_every_commit(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        image = world.github.add_commits("acme/payments-api", 2)
-        app = deployed_app(world, gitops[0], image[0])
-        world.set_apps([app])
-        assert world.run() == 0
+        gitops, image, app = baselined(world, 2)
 
         bad = f"{IMAGE_REPO}:{image[1]}"
         for retry in (1, 2):
@@ -171,11 +165,7 @@ def test_secrets_never_reach_any_output(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with World(tmp_path, state_url, monkeypatch) as world:
-        gitops = world.github.add_commits("acme/gitops", 2)
-        image = world.github.add_commits("acme/payments-api", 2)
-        app = deployed_app(world, gitops[0], image[0])
-        world.set_apps([app])
-        assert world.run("--log-level", "debug") == 0
+        gitops, image, app = baselined(world, 2, "--log-level", "debug")
         world.set_apps([new_deployment(app, 1, gitops[1], image[1], minute=30)])
         world.devlake.fail_next(2, status=503)
         world.run("--log-level", "debug")
