@@ -127,6 +127,9 @@ class CountingStore:
     def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         return self.inner.acquire_lock(name, owner, ttl_seconds)
 
+    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
+        return self.inner.acquire_shared_lock(name, group, ttl_seconds)
+
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         return self.inner.renew_lock(name, owner, ttl_seconds)
 

@@ -303,7 +303,24 @@ class Reconciler:
         with ExitStack() as locks:
             if not options.dry_run:
                 suffix = f":{options.shard.index}of{options.shard.count}" if options.shard else ""
+                shards = options.shard.count if options.shard else 1
                 for cluster in sorted(clusters, key=lambda c: c.name):
+                    # Runs of one shard layout share this lock and keep runs of another layout out: a
+                    # manual unsharded run never works the same Applications as a sharded one. An unsharded
+                    # run is its layout's only holder and releases it; shards leave it to expire.
+                    self._locks.append(
+                        locks.enter_context(
+                            RunLock(
+                                self.store,
+                                f"layout:{cluster.name}",
+                                owner=f"layout-{shards}",
+                                ttl_seconds=LOCK_TTL_SECONDS,
+                                renew_every=LOCK_RENEW_SECONDS,
+                                shared=True,
+                                keep=shards > 1,
+                            )
+                        )
+                    )
                     self._locks.append(
                         locks.enter_context(
                             RunLock(

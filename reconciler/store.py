@@ -80,6 +80,7 @@ class Store(Protocol):
     def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
     def release_lock(self, name: str, owner: str) -> None: ...
+    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool: ...
 
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None: ...
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
@@ -192,6 +193,17 @@ end
 return 0
 """
 
+_SHARED_SCRIPT = """
+local held = redis.call('get', KEYS[1])
+if held == false or held == ARGV[1] then
+    if held == false or redis.call('pttl', KEYS[1]) < tonumber(ARGV[2]) then
+        redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+    end
+    return 1
+end
+return 0
+"""
+
 _RELEASE_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -246,6 +258,7 @@ class RedisStore:
             raise StoreUnavailable(f"invalid Redis URL {self._safe_url}: {self._scrub(str(error))}") from None
         self._renew = self.client.register_script(_RENEW_SCRIPT)
         self._release = self.client.register_script(_RELEASE_SCRIPT)
+        self._shared = self.client.register_script(_SHARED_SCRIPT)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url!r}, key_prefix={self.key_prefix!r})"
@@ -405,6 +418,12 @@ class RedisStore:
         _check_ttl(ttl_seconds)
         with self._guard("acquire lock"):
             return bool(self.client.set(self._lock_key(name), self._lock_value(owner), nx=True, ex=ttl_seconds))
+
+    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        with self._guard("acquire lock"):
+            taken = self._shared(keys=[self._lock_key(name)], args=[self._lock_value(group), ttl_seconds * 1000])
+        return bool(taken)
 
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
@@ -694,6 +713,18 @@ class SQLiteStore:
             )
             return cursor.rowcount == 1
 
+    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        now = time.time()
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO locks VALUES (?, ?, ?, ?) ON CONFLICT (prefix, name) DO UPDATE"
+                " SET owner = excluded.owner, expires_at = max(locks.expires_at, excluded.expires_at)"
+                " WHERE locks.expires_at <= ? OR locks.owner = excluded.owner",
+                (self.key_prefix, name, group, now + ttl_seconds, now),
+            )
+            return cursor.rowcount == 1
+
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
         now = time.time()
@@ -757,6 +788,10 @@ class RunLock:
     Raises :class:`LockHeld` on entry if another owner holds it. If a renewal finds the lock gone or
     taken, :attr:`lost` becomes true and renewing stops: the run should wind down. On exit the lock is
     released (the store only deletes it if this owner still holds it).
+
+    ``shared``: ``owner`` names a group; holders of the same group share the lock, another group is kept
+    out. ``keep``: not released on exit (other holders of the group may still run); it expires after its
+    last renewal.
     """
 
     def __init__(
@@ -766,6 +801,9 @@ class RunLock:
         owner: str | None = None,
         ttl_seconds: int = 60,
         renew_every: float = 20,
+        *,
+        shared: bool = False,
+        keep: bool = False,
     ) -> None:
         _check_ttl(ttl_seconds)
         if not 0 < renew_every < ttl_seconds:
@@ -775,6 +813,8 @@ class RunLock:
         self.owner = owner or default_owner()
         self.ttl_seconds = ttl_seconds
         self.renew_every = renew_every
+        self.shared = shared
+        self.keep = keep
         self.renewals = 0
         self.renewed = threading.Event()
         """Set after every successful renewal (tests and callers may clear and wait on it)."""
@@ -791,7 +831,8 @@ class RunLock:
         return self._lost.wait(timeout)
 
     def __enter__(self) -> RunLock:
-        if not self.store.acquire_lock(self.name, self.owner, self.ttl_seconds):
+        acquire = self.store.acquire_shared_lock if self.shared else self.store.acquire_lock
+        if not acquire(self.name, self.owner, self.ttl_seconds):
             raise LockHeld(self.name)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lock-renew-{self.name}", daemon=True)
@@ -805,6 +846,8 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=SOCKET_TIMEOUT_SECONDS * 2)
             self._thread = None
+        if self.keep:
+            return
         try:
             self.store.release_lock(self.name, self.owner)
         except StoreUnavailable as error:

@@ -176,3 +176,18 @@ def test_a_run_leaves_nothing_frozen_out_of_the_collectors_reach(
         for _ in range(3):
             assert world.run() == 0
             assert gc.get_freeze_count() == 0
+
+
+def test_runs_of_another_shard_layout_are_kept_out_while_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with World(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", monkeypatch) as world:
+        world.set_apps([base()])
+        store = open_store(load_config(world.config_path).state)
+        try:
+            assert store.acquire_shared_lock("layout:prod-east", "layout-2", 60), "a 2-shard run is working"
+            assert world.run() == 3, "an unsharded run would work the same Applications"
+            assert world.run("--shard", "1/2") == 0, "another shard of the same layout goes ahead"
+            assert world.run("--shard", "0/3") == 3
+        finally:
+            store.close()

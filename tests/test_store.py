@@ -592,3 +592,28 @@ def test_open_store_redis(redis_url: str) -> None:
 def test_sqlite_path_that_cannot_be_opened_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="SQLite"):
         SQLiteStore(tmp_path, "dora")
+
+
+def test_a_shared_lock_admits_its_group_and_keeps_another_out(store: Store) -> None:
+    assert store.acquire_shared_lock("layout", "layout-3", 60)
+    assert store.acquire_shared_lock("layout", "layout-3", 60), "another shard of the same layout"
+    assert not store.acquire_shared_lock("layout", "layout-1", 60), "a run of another layout"
+    assert not store.acquire_lock("layout", "someone", 60)
+    assert store.renew_lock("layout", "layout-3", 60)
+
+
+def test_a_shared_run_lock_is_left_to_expire_for_the_holders_still_running(store: Store) -> None:
+    with RunLock(store, "layout", owner="layout-3", shared=True, keep=True):
+        with RunLock(store, "layout", owner="layout-3", shared=True, keep=True):
+            pass
+        with pytest.raises(LockHeld):
+            RunLock(store, "layout", owner="layout-1", shared=True).__enter__()
+    assert not store.acquire_shared_lock("layout", "layout-1", 60), "not released: it expires"
+    assert store.acquire_shared_lock("layout", "layout-3", 60)
+
+
+def test_an_expired_shared_lock_lets_another_layout_in(store: Store) -> None:
+    with freeze_time(T0, ignore=["redis"]) as frozen:
+        assert store.acquire_shared_lock("layout", "layout-3", 60)
+        _let_lock_expire(store, "layout", lambda: frozen.tick(timedelta(seconds=61)))
+        assert store.acquire_shared_lock("layout", "layout-1", 60)
