@@ -27,7 +27,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from tenacity.stop import stop_base
 
 from reconciler.config import Config, ConnectionConfig, DevLakeConfig
-from reconciler.model import AppKey, Commit, Deployment, EnrichedDeployment, Result, format_time
+from reconciler.model import FULL_SHA, AppKey, Commit, Deployment, EnrichedDeployment, Result, format_time
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ MAX_COMMIT_MESSAGE_LENGTH = 255
 MAX_DELIVERY_MESSAGE_LENGTH = 2000
 TITLE_SHAS = 5
 
-_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _HEX_RUN = re.compile(r"[0-9a-f]{7,40}")
 
 
@@ -158,7 +157,7 @@ def _deliverable(commits: Iterable[Commit], deployment: Deployment, *, quiet: bo
     kept: list[Commit] = []
     for commit in commits:
         sha = commit.sha.lower()
-        if not _FULL_SHA.match(sha):
+        if not FULL_SHA.fullmatch(sha):
             if not quiet:
                 log.warning(
                     "commit without a full SHA left out of the DevLake payload",

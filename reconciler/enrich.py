@@ -9,7 +9,6 @@ the Application's deployments of this tick, so deployment k's heads are deployme
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,11 +24,10 @@ from reconciler.github import (
     repository_from_url,
 )
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
-from reconciler.model import Commit, Deployment, EnrichedDeployment, format_time
+from reconciler.model import FULL_SHA, Commit, Deployment, EnrichedDeployment, format_time
 
 log = logging.getLogger(__name__)
 
-_FULL_SHA = re.compile(r"[0-9a-fA-F]{40}")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -152,7 +150,11 @@ class Enricher:
             if source.chart or index >= len(deployment.revisions):
                 continue
             revision = deployment.revisions[index]
-            repo = repository_from_url(source.repo_url, self.github.web_url) if _FULL_SHA.fullmatch(revision) else None
+            repo = (
+                repository_from_url(source.repo_url, self.github.web_url)
+                if FULL_SHA.fullmatch(revision.lower())
+                else None
+            )
             if repo is not None:
                 lookups.append((repo, revision))
         return lookups
@@ -289,7 +291,7 @@ class Enricher:
             if source.chart or index >= len(deployment.revisions):
                 continue
             revision = deployment.revisions[index]
-            if not _FULL_SHA.fullmatch(revision):
+            if not FULL_SHA.fullmatch(revision.lower()):
                 continue
             repo = repository_from_url(source.repo_url, self.github.web_url)
             if repo is None:

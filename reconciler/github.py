@@ -41,7 +41,7 @@ from urllib3.util.retry import Retry
 
 from reconciler import __version__
 from reconciler.config import GitHubConfig
-from reconciler.model import Commit, parse_time
+from reconciler.model import FULL_SHA, OWNER_REPO, Commit, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,7 @@ SECONDARY_RATE_WAIT = 60.0
 TOKEN_REFRESH_MARGIN = timedelta(minutes=2)
 CACHE_VERSION = 1
 
-_FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _SHA_PREFIX = re.compile(r"[0-9a-f]{4,40}")
-_REPO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}")
 _SCP_LIKE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*)$")
 
 
@@ -134,7 +132,7 @@ def repository_from_url(url: str, web_url: str) -> str | None:
         return None
     path = path.strip("/")
     path = path.removesuffix(".git")
-    if not _REPO.fullmatch(path):
+    if not OWNER_REPO.fullmatch(path):
         return None
     return path.lower()
 
@@ -318,7 +316,7 @@ class GitHubClient:
     def _commit_short(self, repo: str, short: str) -> Commit:
         key = f"{repo}@{short}"
         full = self._cache_get("short_sha", [key]).get(key)
-        if full is not None and _FULL_SHA.fullmatch(full):
+        if full is not None and FULL_SHA.fullmatch(full):
             return self._once(("commit", repo, full), lambda: self._commit_full(repo, full))
         commit = self._to_commit(repo, self._fetch_commit(repo, short), short)
         if not commit.sha.startswith(short):
@@ -347,7 +345,7 @@ class GitHubClient:
             date = _commit_date(git)
         except (KeyError, TypeError, AttributeError):
             raise GitHubUnavailable(f"unexpected commit JSON for {repo}@{ref}") from None
-        if not _FULL_SHA.fullmatch(sha):
+        if not FULL_SHA.fullmatch(sha):
             raise GitHubUnavailable(f"unexpected commit JSON for {repo}@{ref}: bad sha")
         return Commit(repo=repo, repo_url=f"{self.web_url}/{repo}", sha=sha, message=message, date=date)
 
@@ -362,7 +360,7 @@ class GitHubClient:
     # -- compare -------------------------------------------------------------------------------------
 
     def _compare(self, repo: str, base: str, head: str, limit: int) -> Comparison:
-        cacheable = bool(_FULL_SHA.fullmatch(base) and _FULL_SHA.fullmatch(head))
+        cacheable = bool(FULL_SHA.fullmatch(base) and FULL_SHA.fullmatch(head))
         key = f"{repo}:{base}...{head}"
         if cacheable:
             cached = self._cached_comparison(repo, key, limit)
@@ -423,7 +421,7 @@ class GitHubClient:
 
     def _find_repository(self, sha: str) -> str | None:
         cached = self._cache_get("repo_of", [sha]).get(sha)
-        if cached is not None and _REPO.fullmatch(cached):
+        if cached is not None and OWNER_REPO.fullmatch(cached):
             return cached
         try:
             with self._github() as gh:
@@ -439,8 +437,8 @@ class GitHubClient:
                 candidates.append((str(repository["full_name"]), bool(repository.get("fork"))))
             except (KeyError, TypeError, AttributeError):
                 continue
-        originals = [name for name, fork in candidates if not fork and _REPO.fullmatch(name)]
-        found = originals or [name for name, _ in candidates if _REPO.fullmatch(name)]
+        originals = [name for name, fork in candidates if not fork and OWNER_REPO.fullmatch(name)]
+        found = originals or [name for name, _ in candidates if OWNER_REPO.fullmatch(name)]
         if not found:
             return None
         if len(set(originals)) > 1:
@@ -751,7 +749,7 @@ class _CountingAdapter(HTTPAdapter):
 
 def _check_repo(repo: str) -> str:
     repo = repo.strip().strip("/")
-    if not _REPO.fullmatch(repo):
+    if not OWNER_REPO.fullmatch(repo):
         raise CommitNotFound(repo[:120], "", "not an owner/repo name")
     return repo.lower()
 

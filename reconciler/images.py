@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 
 from reconciler.config import ImagesConfig
-from reconciler.model import ImageRef
+from reconciler.model import OWNER_REPO, ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ _WHITESPACE = re.compile(r"\s")
 
 _HEX = re.compile(r"[0-9a-f]{7,40}")
 _HEX_ANY_CASE = re.compile(r"[0-9a-fA-F]{7,40}")
-_OWNER_REPO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}")
 
 
 class InvalidImageReference(ValueError):
@@ -173,7 +172,7 @@ class RepositoryMapper:
                     extra={"reason": f"template {template!r} for {image.repository}: {error!r}"},
                 )
                 return None
-            if not _OWNER_REPO.fullmatch(repo) or repo.endswith(("/.", "/..")):
+            if not OWNER_REPO.fullmatch(repo) or repo.endswith(("/.", "/..")):
                 log.warning(
                     "images.repositories rule produced something that is not owner/repo",
                     extra={"reason": f"{image.repository} -> {repo[:200]!r}"},

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+FULL_SHA = re.compile(r"[0-9a-f]{40}")
+"""A full git commit SHA as GitHub and DevLake need it: 40 lowercase hex characters (use ``fullmatch``)."""
+OWNER_REPO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}")
+"""A GitHub ``owner/repo`` name (use ``fullmatch``)."""
 
 SNAPSHOT_VERSION = 1
 MAX_DEPLOYMENT_ID_LENGTH = 150

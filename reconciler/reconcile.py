@@ -11,7 +11,6 @@ import gc
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from reconciler.exitcodes import UsageError
 from reconciler.github import GitHubClient
 from reconciler.images import CommitImages, InvalidImageReference, RepositoryMapper, parse_image
 from reconciler.model import (
+    FULL_SHA,
     AppKey,
     AppObservation,
     Deployment,
@@ -53,7 +53,6 @@ from reconciler.store import LockHeld, RunLock, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-_FULL_SHA = re.compile(r"[0-9a-f]{40}")
 LOCK_TTL_SECONDS = 60
 LOCK_RENEW_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 10.0
@@ -700,7 +699,7 @@ class Reconciler:
             return {}
         commits = dict(snapshot.commits)
         for repository, tag in snapshot.images.items():
-            if not _FULL_SHA.fullmatch(tag):
+            if not FULL_SHA.fullmatch(tag):
                 continue
             try:
                 repo = self.mapper.repository_for(parse_image(repository))
