@@ -36,7 +36,8 @@ from reconciler.config import Config, validate_config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
 from reconciler.model import AppKey, Snapshot
-from reconciler.reconcile import Reconciler, RunOptions, RunSummary
+from reconciler.reconcile import Reconciler
+from reconciler.run import RunOptions, RunSummary
 from reconciler.store import Store, StoredSnapshot, open_store
 from tests.fakes.github import FakeGitHub, Reply
 

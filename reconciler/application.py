@@ -71,43 +71,6 @@ def application_key(raw: Any, cluster: str) -> AppKey | None:
         return None
 
 
-def settled_digest(raw: Any, salt: str = "") -> str | None:
-    """A cheap digest of every field of a raw Application that can change what the planner decides when it
-    has nothing new to emit: identity, deletion, sync and health, live images, the history ids and times,
-    and the operation's phase and times. ``reconciledAt``, ``resourceVersion`` and ``generation`` move on
-    every refresh and are left out on purpose (a settled plan was already fresh, and freshness only grows).
-
-    ``salt`` carries the configuration that shapes decisions. ``None`` when the object is not shaped like
-    an Application: the caller then parses it the slow way, which reports why.
-    """
-    try:
-        metadata = raw["metadata"]
-        status = raw.get("status") or {}
-        health = status.get("health") or {}
-        state = status.get("operationState") or {}
-        operation = state.get("operation") or {}
-        sync = operation.get("sync") or {}
-        material = (
-            salt,
-            metadata["uid"],
-            metadata.get("deletionTimestamp"),
-            raw.get("operation") is not None,
-            (status.get("sync") or {}).get("status"),
-            health.get("status"),
-            health.get("lastTransitionTime"),
-            tuple((status.get("summary") or {}).get("images") or ()),
-            tuple((h["id"], h.get("deployedAt"), h.get("deployStartedAt")) for h in status.get("history") or ()),
-            state.get("phase"),
-            state.get("startedAt"),
-            state.get("finishedAt"),
-            bool(sync.get("dryRun")),
-            bool(sync.get("resources")),
-        )
-        return hashlib.blake2b(repr(material).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return None
-
-
 def source_fingerprint(source: Any, sources: Any) -> str:
     """A stable sha256 of a history entry's full ``source`` and ``sources`` JSON.
 

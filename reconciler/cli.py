@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from typing import TextIO, cast
 from reconciler import __version__, exitcodes
 from reconciler.config import Config, ConfigError, load_config
 from reconciler.logs import Redactor, configure_logging, url_secrets
+from reconciler.run import InvalidRequest
 
 log = logging.getLogger("reconciler")
 
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
     redactor.add(url_secrets(config.state.url))
     try:
         return _dispatch(args, config, out)
-    except exitcodes.UsageError as error:
+    except InvalidRequest as error:
         print(f"error: {redactor(str(error))}", file=sys.stderr)
         return exitcodes.CONFIG
     except Exception as error:
@@ -133,11 +133,11 @@ def _dispatch(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
 
 
 def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
-    from reconciler import runtime  # imports the clients: kept out of --help and config errors
+    from reconciler import commands, scheduler  # import the clients: kept out of --help and config errors
 
     if args.command in ("run", "backfill"):
         since = _parse_since(args.since) if args.command == "backfill" else None
-        return runtime.run_command(
+        return commands.run_command(
             config,
             command=args.command,
             dry_run=args.dry_run,
@@ -147,14 +147,14 @@ def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
             stdout=stdout,
         )
     if args.command == "serve":
-        return runtime.serve_command(config)
+        return scheduler.serve(config)
     if args.command == "check":
-        return runtime.check_command(config, stdout=stdout)
+        return commands.check_command(config, stdout=stdout)
     if args.command == "explain":
-        return runtime.explain_command(config, args.application, clusters=tuple(args.cluster), stdout=stdout)
+        return commands.explain_command(config, args.application, clusters=tuple(args.cluster), stdout=stdout)
     if args.command == "status":
-        return runtime.status_command(config, as_json=args.json, stdout=stdout)
-    raise exitcodes.UsageError(f"unknown command {args.command!r}")
+        return commands.status_command(config, as_json=args.json, stdout=stdout)
+    raise InvalidRequest(f"unknown command {args.command!r}")
 
 
 def _parse_since(text: str | None) -> datetime | None:
@@ -163,12 +163,8 @@ def _parse_since(text: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise exitcodes.UsageError(f"--since expects an ISO 8601 date or time, got {text!r}") from None
+        raise InvalidRequest(f"--since expects an ISO 8601 date or time, got {text!r}") from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def print_json(data: object, stdout: TextIO) -> None:
-    print(json.dumps(data, indent=2, default=str), file=stdout)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the 
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import json
 import logging
 import math
 import re
@@ -123,32 +121,6 @@ def build_payload(
         "finishedDate": finished,
         "deploymentCommits": items,
     }
-
-
-def commit_set_fingerprint(
-    enriched: EnrichedDeployment, *, environment: str, previous: Mapping[str, str] | None = None
-) -> str:
-    """A stable hash of the change a deployment makes, for component-level dedupe.
-
-    It covers the deployed head commits, where each of their repositories came from (``previous``:
-    ``owner/repo`` -> the SHA deployed before), the environment and the result. So a second Application of
-    the same component making the same change is deduplicated, while a rollback or a later redeploy of
-    commits the component already had is a new change and goes out; a staging deployment never hides the
-    production one, and a success after a failure of the same commits still goes out.
-    """
-    previous = previous or {}
-    pairs = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
-    origins = sorted({(commit.repo, previous[commit.repo]) for commit in enriched.heads if commit.repo in previous})
-    material = json.dumps(
-        {
-            "commits": pairs,
-            "from": origins,
-            "environment": str(environment),
-            "result": enriched.deployment.result.devlake,
-        },
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def _deliverable(commits: Iterable[Commit], deployment: Deployment, *, quiet: bool = False) -> list[Commit]:

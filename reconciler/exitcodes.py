@@ -7,9 +7,3 @@ CONFIG = 2
 """A configuration or usage error; for ``check``, a dependency that cannot be reached."""
 LOCKED = 3
 """Another run holds the lock."""
-
-
-class UsageError(ValueError):
-    """A command-line argument the run cannot use (``--shard``, ``--cluster``, ``--since``, NAMESPACE/NAME).
-
-    Only this exits 2: any other error inside a run is a failure to retry, not the operator's typo."""

@@ -20,7 +20,7 @@ from reconciler import exitcodes
 from reconciler.config import Config
 from reconciler.devlake import DeliveryOutcome
 from reconciler.model import Deployment, DeploymentClass, Result
-from reconciler.reconcile import RunSummary
+from reconciler.run import RunSummary
 
 log = logging.getLogger(__name__)
 

@@ -191,7 +191,7 @@ class Snapshot:
     pending: PendingVerdict | None = None
     deleting_since: datetime | None = None
     settled_digest: str | None = None
-    """Digest of what the planner read (``application.settled_digest``) when the last tick left nothing to
+    """Digest of what the planner read (``settled.settled_digest``) when the last tick left nothing to
     decide; the same digest next time means the Application did not change and need not be parsed."""
 
     def to_json(self) -> str:
@@ -244,19 +244,6 @@ class Snapshot:
 
     def evolve(self, **changes: Any) -> Snapshot:
         return replace(self, **changes)
-
-
-_SETTLED_PREFIX = f'{{"version":{SNAPSHOT_VERSION},"settled_digest":"'
-
-
-def stored_settled_digest(text: str) -> str | None:
-    """The settled digest of a stored snapshot's JSON, read without decoding it (``to_json`` writes it
-    second, right after the version); ``None`` when there is none or the text has another shape."""
-    if not text.startswith(_SETTLED_PREFIX):
-        return None
-    start = len(_SETTLED_PREFIX)
-    end = text.find('"', start)
-    return text[start:end] if 0 < end - start <= 64 else None
 
 
 @dataclass(frozen=True)

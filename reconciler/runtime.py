@@ -1,41 +1,36 @@
-"""What each command does, wired from a validated config: the clients, the store, the output.
+"""The long-lived clients of one process (``Runtime``) and one pass with them (``run_pass``).
 
-``cli.py`` parses arguments and sets up logging; everything a test wants to call lives here.
+A pass is the same whichever command starts it (``run``, ``backfill``, each tick of ``serve``): lock the
+selected clusters, reconcile them, record and log the summary, count it in the metrics, and end with an exit
+code. ``commands.py`` (``run``/``backfill``) and ``scheduler.py`` (``serve``) both call ``run_pass``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TextIO
 
 from reconciler import exitcodes
-from reconciler.application import MalformedApplication
-from reconciler.argocd import ClusterLister, ClusterUnavailable
+from reconciler.argocd import ClusterLister
 from reconciler.config import ClusterConfig, Config
+from reconciler.delivery import DeliveryMetrics
 from reconciler.devlake import DevLakeClient
-from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
-from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
-from reconciler.model import AppObservation, Snapshot, format_time
-from reconciler.planner import plan
-from reconciler.reconcile import (
-    Metrics,
-    Reconciler,
-    RunOptions,
-    RunSummary,
-    Shard,
-    iter_observations,
-    planner_policy,
-)
-from reconciler.store import LockHeld, Store, StoreUnavailable, open_store
+from reconciler.github import GitHubClient
+from reconciler.metrics import PrometheusMetrics
+from reconciler.reconcile import Reconciler
+from reconciler.run import RunOptions, RunSummary, selected_clusters
+from reconciler.store import LockHeld, RunLock, Store, StoreUnavailable, open_store
 
 log = logging.getLogger("reconciler")
+
+LOCK_TTL_SECONDS = 60
+LOCK_RENEW_SECONDS = 20
 
 
 @dataclass
@@ -70,7 +65,7 @@ class Runtime:
         self,
         *,
         dry_run_output: TextIO | None = None,
-        metrics: Metrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         stop: threading.Event | None = None,
         progress: Callable[[RunSummary], None] | None = None,
     ) -> Reconciler:
@@ -107,6 +102,9 @@ class _ProcessCache:
 
     def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
         self._local.update({(kind, key): value for key, value in items.items()})
+
+
+# -- progress and the summary line ------------------------------------------------------------------------
 
 
 def log_summary(summary: RunSummary) -> None:
@@ -159,291 +157,122 @@ def progress_reporter(stream: TextIO, *, interactive: bool | None = None) -> Pro
     return ProgressReporter(stream, interactive=interactive)
 
 
-def run_command(
-    config: Config,
-    *,
-    command: str = "run",
-    dry_run: bool = False,
-    clusters: tuple[str, ...] = (),
-    shard: str | None = None,
-    since: datetime | None = None,
-    stdout: TextIO | None = None,
-    progress: Callable[[RunSummary], None] | None = None,
-) -> int:
-    from reconciler.metrics import PrometheusMetrics, grouping_key, push
-
-    metrics = PrometheusMetrics.for_config(config)
-
-    def aborted(code: int) -> int:
-        metrics.run_aborted(code)
-        if not dry_run:
-            push(config, metrics, grouping_key(config, clusters, shard))
-        return code
-
-    options = RunOptions(
-        dry_run=dry_run,
-        clusters=clusters,
-        shard=Shard.parse(shard) if shard else None,
-        backfill=command == "backfill",
-        since=since,
-    )
-    try:
-        runtime = Runtime.open(config, read_only=dry_run)
-    except StoreUnavailable as error:
-        _store_unavailable_at_start(error)
-        return aborted(exitcodes.RETRY)
-    try:
-        try:
-            runtime.store.ping()
-        except StoreUnavailable as error:
-            _store_unavailable_at_start(error)
-            return aborted(exitcodes.RETRY)
-        reporter = progress or progress_reporter(sys.stderr)
-        reconciler = runtime.reconciler(
-            dry_run_output=stdout or sys.stdout,
-            metrics=metrics,
-            progress=reporter,
-        )
-        try:
-            summary = reconciler.run(options, command=command)
-        except LockHeld as error:
-            log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
-            return aborted(exitcodes.LOCKED)
-        except StoreUnavailable as error:
-            log.error("state store unavailable; the run stopped", extra={"reason": str(error)})
-            return aborted(exitcodes.RETRY)
-        finally:
-            if isinstance(reporter, ProgressReporter):
-                reporter.close()
-        if not dry_run:
-            push(config, metrics, grouping_key(config, clusters, shard))
-        log_summary(summary)
-        return summary.exit_code
-    finally:
-        runtime.close()
+# -- one pass -------------------------------------------------------------------------------------------
 
 
-def _store_unavailable_at_start(error: StoreUnavailable) -> None:
+class RunLocks:
+    """The run locks of one pass; ``lost`` once any renewal found one gone or taken."""
+
+    def __init__(self, locks: Sequence[RunLock] = ()) -> None:
+        self.locks = list(locks)
+
+    def lost(self) -> bool:
+        return any(lock.lost for lock in self.locks)
+
+
+@contextmanager
+def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptions, owner: str) -> Iterator[RunLocks]:
+    """Hold, for each cluster, its shard layout's lock and this run's lock. Raises ``LockHeld``.
+
+    Runs of one shard layout share the layout lock and keep runs of another layout out: a manual unsharded run
+    never works the same Applications as a sharded one. An unsharded run is its layout's only holder and
+    releases it; shards leave it to expire.
+    """
+    shard = options.shard
+    suffix = f":{shard.index}of{shard.count}" if shard else ""
+    shards = shard.count if shard else 1
+    held = RunLocks()
+    with ExitStack() as stack:
+        for cluster in sorted(clusters, key=lambda c: c.name):
+            layout = RunLock(
+                store,
+                f"layout:{cluster.name}",
+                owner=f"layout-{shards}",
+                ttl_seconds=LOCK_TTL_SECONDS,
+                renew_every=LOCK_RENEW_SECONDS,
+                shared=True,
+                keep=shards > 1,
+            )
+            held.locks.append(stack.enter_context(layout))
+            own = RunLock(
+                store,
+                f"run:{cluster.name}{suffix}",
+                owner=owner,
+                ttl_seconds=LOCK_TTL_SECONDS,
+                renew_every=LOCK_RENEW_SECONDS,
+            )
+            held.locks.append(stack.enter_context(own))
+        yield held
+
+
+def store_unavailable_at_start(error: StoreUnavailable) -> None:
     log.error(
         "state store unavailable at start: nothing was listed or sent; the next run retries",
         extra={"reason": str(error)},
     )
 
 
-def serve_command(config: Config) -> int:
-    from reconciler.scheduler import serve
-
-    return serve(config)
-
-
-# -- check ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PassResult:
+    exit_code: int
+    summary: RunSummary | None = None
+    """``None`` when the pass stopped before reconciling anything (state store down, lock held)."""
 
 
-def check_command(config: Config, *, stdout: TextIO, sleep: Callable[[float], None] = time.sleep) -> int:
-    """One line per dependency, printed as soon as it is known; exit 0 only when every one answered as expected.
+def run_pass(
+    runtime: Runtime,
+    options: RunOptions,
+    *,
+    command: str = "run",
+    metrics: PrometheusMetrics | None = None,
+    stop: threading.Event | None = None,
+    progress: Callable[[RunSummary], None] | None = None,
+    dry_run_output: TextIO | None = None,
+    publish: Callable[[], object] | None = None,
+) -> PassResult:
+    """One pass: lock, reconcile, record the summary, count it in ``metrics`` and ``publish`` them (``run``
+    pushes them to a Pushgateway), then log the summary line. Never raises for what a pass can meet (the state
+    store down, another run holding the lock): those end it with exit code 1 or 3.
 
-    Each dependency is checked on its own: GitHub is checked even when the state store is down.
-    """
-    results: list[bool] = []
+    Raises ``UnknownCluster`` (nothing was done) for a ``--cluster`` not configured. A ``ProgressReporter``
+    passed as ``progress`` is closed before the summary line."""
 
-    def report(ok: bool, line: str) -> None:
-        results.append(ok)
-        print(line, file=stdout, flush=True)
+    def finished(code: int, summary: RunSummary | None = None) -> PassResult:
+        if metrics is not None:
+            if summary is None:
+                metrics.run_aborted(code)
+            else:
+                metrics.tick_finished(summary)
+        if publish is not None:
+            publish()
+        return PassResult(code, summary)
 
-    report(
-        True,
-        f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
-    )
-    for cluster in config.clusters:
-        report(*_check_cluster(cluster, sleep))
-    report(*_check_store(config))
-    report(*_check_github(config, sleep))
-    with DevLakeClient(config.devlake, sleep=sleep) as devlake:
-        for connection in config.devlake.connections:
-            ok, message = devlake.probe(connection)
-            report(ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})")
-    return exitcodes.OK if all(results) else exitcodes.CONFIG
-
-
-CHECK_ATTEMPTS = 2
-"""``check`` reports what it sees now: one quick retry for a blip, not a run's patience."""
-
-
-def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tuple[bool, str]:
-    name = cluster.name
+    store = runtime.store
     try:
-        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}), sleep=sleep, attempts=CHECK_ATTEMPTS)
-        first = next(iter(lister.pages()), [])
-    except ClusterUnavailable as error:
-        return False, f"kubernetes {name}: FAILED ({error})"
-    return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
-
-
-def _check_store(config: Config) -> tuple[bool, str]:
-    store: Store | None = None
-    try:
-        store = open_store(config.state)
         store.ping()
     except StoreUnavailable as error:
-        return False, f"state store: FAILED ({error})"
-    finally:
-        if store is not None:
-            store.close()
-    return True, f"state store: ok ({_describe_state_url(config.state.url)})"
-
-
-class _NoCache:
-    """``check`` asks GitHub itself; it needs no cache (and must not depend on the state store)."""
-
-    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
-        return {}
-
-    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
-        return None
-
-
-def _check_github(config: Config, sleep: Callable[[float], None]) -> tuple[bool, str]:
-    client = GitHubClient(config.github, _NoCache(), sleep=sleep, retries=CHECK_ATTEMPTS - 1)
+        store_unavailable_at_start(error)
+        return finished(exitcodes.RETRY)
+    clusters = selected_clusters(runtime.config, options)
+    run_id = uuid.uuid4().hex[:12]
+    reconciler = runtime.reconciler(dry_run_output=dry_run_output, metrics=metrics, stop=stop, progress=progress)
     try:
-        remaining, limit, reset = client.rate_limit()
-    except RateLimited as error:
-        return False, f"github: FAILED (rate limited until {error.reset_at})"
-    except GitHubUnavailable as error:
-        hint = ""
-        if "401" in str(error) and config.github.app_id is None and config.github.token_env:
-            hint = f"; check ${config.github.token_env}"
-        return False, f"github: FAILED ({error}{hint})"
-    authenticated = "authenticated" if (config.github.token() or config.github.app_id) else "NOT authenticated"
-    if limit < 0:
-        return True, f"github: ok ({authenticated}; rate limiting disabled on this server)"
-    return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})"
-
-
-def _describe_state_url(url: str | None) -> str:
-    if url is None:
-        return "embedded SQLite in ./.dora-reconciler/"
-    scheme, _, rest = url.partition("://")
-    host = rest.rsplit("@", 1)[-1]
-    return f"{scheme}://{host}"
-
-
-# -- explain -------------------------------------------------------------------------------------------
-
-
-def explain_command(config: Config, application: str, *, clusters: tuple[str, ...], stdout: TextIO) -> int:
-    namespace, sep, name = application.partition("/")
-    if not sep or not namespace or not name:
-        raise exitcodes.UsageError(f"expected NAMESPACE/NAME, got {application!r}")
-    store = open_store(config.state)
-    try:
-        found = False
-        for cluster in config.clusters:
-            if clusters and cluster.name not in clusters:
-                continue
-            scoped = cluster.model_copy(update={"namespaces": [namespace]})
-            try:
-                for item in iter_observations(ClusterLister(scoped), cluster.name):
-                    if isinstance(item, MalformedApplication):
-                        continue
-                    if item.key.namespace == namespace and item.key.name == name:
-                        found = True
-                        _explain_one(config, store, item, stdout)
-            except ClusterUnavailable as error:
-                print(f"cluster {cluster.name}: unavailable ({error})", file=stdout)
-        if not found:
-            print(f"{application}: not found in any selected cluster", file=stdout)
-        return exitcodes.OK
+        with run_locks(store, [] if options.dry_run else clusters, options, owner=run_id) as locks:
+            summary = reconciler.run(options, command, run_id=run_id, lock_lost=locks.lost)
+    except LockHeld as error:
+        log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
+        return finished(exitcodes.LOCKED)
+    except StoreUnavailable as error:
+        log.error("state store unavailable; the run stopped", extra={"reason": str(error)})
+        return finished(exitcodes.RETRY)
     finally:
-        store.close()
-
-
-def _explain_one(config: Config, store: Store, observation: AppObservation, out: TextIO) -> None:
-    key = observation.key
-
-    def p(text: str = "") -> None:
-        print(text, file=out)
-
-    p(f"Application {key.qualified_name} in cluster {key.cluster} (uid {observation.uid})")
-    selected = config.applications.selects(key.qualified_name)
-    p(f"  selected by applications.include/exclude: {'yes' if selected else 'NO'}")
-    component = config.applications.component_of(key.name, observation.labels)
-    paths = [s.path for s in observation.sources if s.path]
-    p(f"  component: {component}; environment: {config.environment_for(key.cluster, key.qualified_name, paths)}")
-    p(f"  destination: {observation.destination}; sync: {observation.sync_status}; health: {observation.health_status}")
-    if observation.deleting:
-        p("  being deleted")
-    for source in observation.sources:
-        p(f"  source: {source.repo_url} path={source.path} chart={source.chart} target={source.target_revision}")
-    for entry in observation.history[-5:]:
-        p(f"  history {entry.id}: revisions={list(entry.revisions)} deployed {format_time(entry.deployed_at)}")
-    if observation.operation:
-        op = observation.operation
-        p(f"  operation: {op.phase} started {format_time(op.started_at)} revisions={list(op.revisions)}")
-    rule = CommitTagRule(config.images.commit_tag_pattern)
-    mapper = RepositoryMapper(config.images)
-    images = list(observation.operation.images or []) if observation.operation else []
-    for raw in dict.fromkeys([*images, *observation.summary_images]):
+        if isinstance(progress, ProgressReporter):
+            progress.close()
+    if not options.dry_run:
         try:
-            image = parse_image(raw)
-        except InvalidImageReference as error:
-            p(f"  image {raw[:120]}: unparseable ({error})")
-            continue
-        if mapper.ignored(image):
-            p(f"  image {raw}: ignored by images.ignore")
-            continue
-        sha = rule.commit_of(image.tag) if image.tag else None
-        repo = mapper.repository_for(image)
-        p(f"  image {raw}: commit tag {sha or 'none'}; GitHub repository {repo or 'no rule matches'}")
-    snapshot = store.load_snapshots([key]).get(key)
-    p(f"  snapshot: {_describe_snapshot(snapshot)}")
-    policy = planner_policy(config, store.initialized_at(key.cluster), RunOptions())
-    next_plan = plan(observation, snapshot, datetime.now(UTC), policy)
-    if next_plan.deferred:
-        p("  next run: deferred (status not fresh yet)")
-    for deployment in next_plan.deployments:
-        p(
-            f"  next run emits {deployment.id}: {deployment.result.value} {deployment.deployment_class.value}, "
-            f"finished {format_time(deployment.finished_at)}, revisions {list(deployment.revisions)}"
-        )
-    if not next_plan.deployments and not next_plan.deferred:
-        p("  next run emits nothing")
-    for note in next_plan.notes:
-        p(f"  why: {note}")
-
-
-def _describe_snapshot(snapshot: Snapshot | None) -> str:
-    if snapshot is None:
-        return "none (never seen, or the store was wiped)"
-    return json.dumps(json.loads(snapshot.to_json()))
-
-
-# -- status --------------------------------------------------------------------------------------------
-
-
-def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
-    store = open_store(config.state)
-    try:
-        runs = store.run_summaries(20)
-        letters = store.dead_letters(100)
-    finally:
-        store.close()
-    if as_json:
-        print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
-        return exitcodes.OK
-    print(f"last {len(runs)} run(s), newest first:", file=stdout)
-    for run in runs:
-        print(
-            f"  {run.get('started_at')} {run.get('command')} exit {run.get('exit_code')}: "
-            f"{run.get('apps_listed')} apps, {run.get('deployments_success')} success, "
-            f"{run.get('deployments_failed')} failed, {run.get('sent')} sent, "
-            f"{run.get('dead_lettered')} dead-lettered, {run.get('seconds')} s",
-            file=stdout,
-        )
-    print(f"dead letters ({len(letters)}):", file=stdout)
-    for letter in letters:
-        print(
-            f"  {letter.get('time')} connection {letter.get('connection')} {letter.get('deployment_id')}: "
-            f"HTTP {letter.get('status')} {letter.get('message')}",
-            file=stdout,
-        )
-    return exitcodes.OK
+            store.add_run_summary(summary.as_dict())
+        except StoreUnavailable as error:
+            log.warning("could not record the run summary", extra={"reason": str(error)})
+    result = finished(summary.exit_code, summary)
+    log_summary(summary)
+    return result

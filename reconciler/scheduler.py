@@ -23,9 +23,9 @@ from reconciler.config import Config
 from reconciler.cron import cron_trigger
 from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
-from reconciler.reconcile import RunOptions, RunSummary
-from reconciler.runtime import Runtime, log_summary, progress_reporter
-from reconciler.store import LockHeld, StoreUnavailable
+from reconciler.run import RunOptions, RunSummary
+from reconciler.runtime import Runtime, progress_reporter, run_pass
+from reconciler.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +118,19 @@ class Service:
 
     def _pass(self) -> int:
         try:
-            reconciler = self.runtime.reconciler(metrics=self.metrics, stop=self.stop, progress=self._on_progress)
-            summary = reconciler.run(RunOptions(), command="serve")
-        except LockHeld as error:
-            log.warning("another run holds the lock; skipping this pass", extra={"reason": str(error)})
-            self.metrics.run_aborted(exitcodes.LOCKED)
-            return exitcodes.LOCKED
-        except StoreUnavailable as error:
-            log.error("state store unavailable; skipping this pass", extra={"reason": str(error)})
-            self.metrics.run_aborted(exitcodes.RETRY)
-            return exitcodes.RETRY
+            result = run_pass(
+                self.runtime,
+                RunOptions(),
+                command="serve",
+                metrics=self.metrics,
+                stop=self.stop,
+                progress=self._on_progress,
+            )
         except Exception:
             log.exception("the pass failed unexpectedly; the next one will retry")
             self.metrics.run_aborted(exitcodes.RETRY)
             return exitcodes.RETRY
-        log_summary(summary)
-        return summary.exit_code
+        return result.exit_code
 
     def _on_progress(self, summary: RunSummary) -> None:
         self._heartbeat = datetime.now(UTC)

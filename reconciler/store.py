@@ -30,7 +30,8 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from reconciler.config import StateConfig
-from reconciler.model import AppKey, Snapshot, parse_time, stored_settled_digest
+from reconciler.model import AppKey, Snapshot, parse_time
+from reconciler.settled import stored_settled_digest
 
 log = logging.getLogger(__name__)
 
@@ -815,7 +816,6 @@ class RunLock:
         self.renew_every = renew_every
         self.shared = shared
         self.keep = keep
-        self.renewals = 0
         self.renewed = threading.Event()
         """Set after every successful renewal (tests and callers may clear and wait on it)."""
         self._lost = threading.Event()
@@ -871,5 +871,4 @@ class RunLock:
                     )
                     self._lost.set()
                 return
-            self.renewals += 1
             self.renewed.set()

@@ -24,7 +24,8 @@ from reconciler.config import Config, validate_config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
 from reconciler.model import AppKey, deployment_id
-from reconciler.reconcile import Reconciler, RunOptions, RunSummary
+from reconciler.reconcile import Reconciler
+from reconciler.run import RunOptions, RunSummary
 from reconciler.store import SQLiteStore
 from tests.corpus import CorpusCase, load_corpus
 from tests.factories import T0, at, fake_sha, fake_uid, redeployed, settled_app

@@ -20,10 +20,12 @@ import pytest
 
 from reconciler import exitcodes
 from reconciler.config import Config, load_config
+from reconciler.delivery import OUTAGE_FAILURES, RetryBudget
 from reconciler.devlake import MAX_ATTEMPTS, Delivery, DevLakeClient, PayloadError, build_payload
 from reconciler.github import GitHubClient
 from reconciler.model import MAX_DEPLOYMENT_ID_LENGTH, AppKey, Snapshot, deployment_id
-from reconciler.reconcile import OUTAGE_FAILURES, Reconciler, RetryBudget, RunOptions
+from reconciler.reconcile import Reconciler
+from reconciler.run import RunOptions
 from reconciler.runtime import Runtime
 from reconciler.store import RedisStore, RunLock, SQLiteStore, Store, open_store
 from tests import factories
@@ -690,7 +692,7 @@ def test_a_deployment_without_a_payload_is_counted_as_skipped_and_recorded(
         assert world.run() == 0
         app = deploy(deploy(app, 1, gitops[1], images[1]), 2, gitops[2], images[2])
         world.set_apps([app])
-        monkeypatch.setattr("reconciler.reconcile.build_payload", build)
+        monkeypatch.setattr("reconciler.delivery.build_payload", build)
         assert world.run() == 0
         assert devlake.posted_ids() == ids_of("payments-api", 2)
         run = status_json(world, capsys)["runs"][0]

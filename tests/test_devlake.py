@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.config import Config, validate_config
+from reconciler.dedupe import commit_set_fingerprint
 from reconciler.devlake import (
     MAX_ATTEMPTS,
     Delivery,
@@ -25,7 +26,6 @@ from reconciler.devlake import (
     PayloadError,
     Router,
     build_payload,
-    commit_set_fingerprint,
 )
 from reconciler.model import (
     AppKey,

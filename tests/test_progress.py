@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from reconciler import reconcile
+from reconciler.commands import run_command
 from reconciler.config import load_config
 from reconciler.logs import configure_logging
-from reconciler.reconcile import PROGRESS_EVERY_SECONDS, Reconciler, RunOptions, RunSummary
-from reconciler.runtime import ProgressReporter, Runtime, progress_reporter, run_command
+from reconciler.reconcile import PROGRESS_EVERY_SECONDS, Reconciler
+from reconciler.run import RunOptions, RunSummary
+from reconciler.runtime import ProgressReporter, Runtime, progress_reporter
 from tests.test_end_to_end import deployed_app, new_deployment
 from tests.world import World, log_lines
 

@@ -323,7 +323,7 @@ def test_an_unexpected_error_is_one_redacted_log_line_not_a_raw_traceback(
     def broken(*args: Any, **kwargs: Any) -> int:
         raise RuntimeError(f"unforeseen: {GITHUB_TOKEN}, {DEVLAKE_KEYS[1]} and {REDIS_PASSWORD}")
 
-    monkeypatch.setattr("reconciler.runtime.run_command", broken)
+    monkeypatch.setattr("reconciler.commands.run_command", broken)
     with World(tmp_path, f"redis://:{REDIS_PASSWORD}@127.0.0.1:{closed_port()}/0", monkeypatch) as world:
         assert world.run() == 1
         captured = capsys.readouterr()

@@ -24,7 +24,7 @@ from reconciler.config import Config, load_config
 from reconciler.cron import cron_trigger
 from reconciler.metrics import PrometheusMetrics
 from reconciler.model import AppKey
-from reconciler.reconcile import Shard
+from reconciler.run import Shard
 from reconciler.runtime import Runtime
 from reconciler.scheduler import Service
 from reconciler.store import open_store

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from reconciler import reconcile
-from reconciler.application import parse_application, settled_digest
+from reconciler.application import parse_application
 from reconciler.config import load_config
 from reconciler.model import AppKey
+from reconciler.settled import settled_digest
 from reconciler.store import open_store
 from tests.factories import (
     at,
@@ -80,7 +80,7 @@ def parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(raw["metadata"]["name"])
         return parse_application(raw, cluster)
 
-    monkeypatch.setattr(reconcile, "parse_application", counting)
+    monkeypatch.setattr("reconciler.settled.parse_application", counting)
     return seen
 
 
@@ -149,7 +149,8 @@ def test_an_application_listed_again_after_going_missing_is_not_forgotten(
 def test_the_store_reads_the_settled_digest_without_decoding_the_snapshot(store: Any) -> None:
     from datetime import UTC, datetime
 
-    from reconciler.model import Snapshot, stored_settled_digest
+    from reconciler.model import Snapshot
+    from reconciler.settled import stored_settled_digest
 
     key, other = AppKey("prod", "argocd", "settled"), AppKey("prod", "argocd", "busy")
     settled = Snapshot(uid="u1", last_seen=datetime(2026, 1, 1, tzinfo=UTC), settled_digest="0123abcd" * 4)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import runtime
+from reconciler import commands, runtime
 from reconciler.config import StateConfig
 from reconciler.store import RedisStore, Store, open_store
 
@@ -31,3 +31,4 @@ def never_wait(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(runtime.Runtime, "open", classmethod(open_without_waiting))
     monkeypatch.setattr(runtime, "open_store", open_store_at_once)
+    monkeypatch.setattr(commands, "open_store", open_store_at_once)

@@ -1,0 +1,292 @@
+"""What each command does, wired from a validated config: ``run``/``backfill``, ``check``, ``explain``, ``status``.
+
+``cli.py`` parses arguments and sets up logging; everything a test wants to call lives here (``serve`` is in
+``scheduler.py``). A pass itself, shared with ``serve``, is ``runtime.run_pass``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from reconciler import exitcodes
+from reconciler.application import MalformedApplication
+from reconciler.argocd import ClusterLister, ClusterUnavailable
+from reconciler.config import ClusterConfig, Config
+from reconciler.devlake import DevLakeClient
+from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
+from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
+from reconciler.metrics import PrometheusMetrics, grouping_key, push
+from reconciler.model import AppObservation, Snapshot, format_time
+from reconciler.planner import plan
+from reconciler.reconcile import iter_observations, planner_policy
+from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard
+from reconciler.runtime import Runtime, progress_reporter, run_pass, store_unavailable_at_start
+from reconciler.store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger("reconciler")
+
+
+def run_command(
+    config: Config,
+    *,
+    command: str = "run",
+    dry_run: bool = False,
+    clusters: tuple[str, ...] = (),
+    shard: str | None = None,
+    since: datetime | None = None,
+    stdout: TextIO | None = None,
+    progress: Callable[[RunSummary], None] | None = None,
+) -> int:
+    """``run`` and ``backfill``: one pass, then the metrics pushed to the Pushgateway (unless a dry run)."""
+    metrics = PrometheusMetrics.for_config(config)
+
+    def publish() -> None:
+        if not dry_run:
+            push(config, metrics, grouping_key(config, clusters, shard))
+
+    options = RunOptions(
+        dry_run=dry_run,
+        clusters=clusters,
+        shard=Shard.parse(shard) if shard else None,
+        backfill=command == "backfill",
+        since=since,
+    )
+    try:
+        runtime = Runtime.open(config, read_only=dry_run)
+    except StoreUnavailable as error:
+        store_unavailable_at_start(error)
+        metrics.run_aborted(exitcodes.RETRY)
+        publish()
+        return exitcodes.RETRY
+    try:
+        result = run_pass(
+            runtime,
+            options,
+            command=command,
+            metrics=metrics,
+            progress=progress or progress_reporter(sys.stderr),
+            dry_run_output=stdout or sys.stdout,
+            publish=publish,
+        )
+        return result.exit_code
+    finally:
+        runtime.close()
+
+
+# -- check ---------------------------------------------------------------------------------------------
+
+
+def check_command(config: Config, *, stdout: TextIO, sleep: Callable[[float], None] = time.sleep) -> int:
+    """One line per dependency, printed as soon as it is known; exit 0 only when every one answered as expected.
+
+    Each dependency is checked on its own: GitHub is checked even when the state store is down.
+    """
+    results: list[bool] = []
+
+    def report(ok: bool, line: str) -> None:
+        results.append(ok)
+        print(line, file=stdout, flush=True)
+
+    report(
+        True,
+        f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
+    )
+    for cluster in config.clusters:
+        report(*_check_cluster(cluster, sleep))
+    report(*_check_store(config))
+    report(*_check_github(config, sleep))
+    with DevLakeClient(config.devlake, sleep=sleep) as devlake:
+        for connection in config.devlake.connections:
+            ok, message = devlake.probe(connection)
+            report(ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})")
+    return exitcodes.OK if all(results) else exitcodes.CONFIG
+
+
+CHECK_ATTEMPTS = 2
+"""``check`` reports what it sees now: one quick retry for a blip, not a run's patience."""
+
+
+def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tuple[bool, str]:
+    name = cluster.name
+    try:
+        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}), sleep=sleep, attempts=CHECK_ATTEMPTS)
+        first = next(iter(lister.pages()), [])
+    except ClusterUnavailable as error:
+        return False, f"kubernetes {name}: FAILED ({error})"
+    return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
+
+
+def _check_store(config: Config) -> tuple[bool, str]:
+    store: Store | None = None
+    try:
+        store = open_store(config.state)
+        store.ping()
+    except StoreUnavailable as error:
+        return False, f"state store: FAILED ({error})"
+    finally:
+        if store is not None:
+            store.close()
+    return True, f"state store: ok ({_describe_state_url(config.state.url)})"
+
+
+class _NoCache:
+    """``check`` asks GitHub itself; it needs no cache (and must not depend on the state store)."""
+
+    def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
+        return {}
+
+    def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
+        return None
+
+
+def _check_github(config: Config, sleep: Callable[[float], None]) -> tuple[bool, str]:
+    client = GitHubClient(config.github, _NoCache(), sleep=sleep, retries=CHECK_ATTEMPTS - 1)
+    try:
+        remaining, limit, reset = client.rate_limit()
+    except RateLimited as error:
+        return False, f"github: FAILED (rate limited until {error.reset_at})"
+    except GitHubUnavailable as error:
+        hint = ""
+        if "401" in str(error) and config.github.app_id is None and config.github.token_env:
+            hint = f"; check ${config.github.token_env}"
+        return False, f"github: FAILED ({error}{hint})"
+    authenticated = "authenticated" if (config.github.token() or config.github.app_id) else "NOT authenticated"
+    if limit < 0:
+        return True, f"github: ok ({authenticated}; rate limiting disabled on this server)"
+    return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})"
+
+
+def _describe_state_url(url: str | None) -> str:
+    if url is None:
+        return "embedded SQLite in ./.dora-reconciler/"
+    scheme, _, rest = url.partition("://")
+    host = rest.rsplit("@", 1)[-1]
+    return f"{scheme}://{host}"
+
+
+# -- explain -------------------------------------------------------------------------------------------
+
+
+def explain_command(config: Config, application: str, *, clusters: tuple[str, ...], stdout: TextIO) -> int:
+    namespace, sep, name = application.partition("/")
+    if not sep or not namespace or not name:
+        raise InvalidRequest(f"expected NAMESPACE/NAME, got {application!r}")
+    store = open_store(config.state)
+    try:
+        found = False
+        for cluster in config.clusters:
+            if clusters and cluster.name not in clusters:
+                continue
+            scoped = cluster.model_copy(update={"namespaces": [namespace]})
+            try:
+                for item in iter_observations(ClusterLister(scoped), cluster.name):
+                    if isinstance(item, MalformedApplication):
+                        continue
+                    if item.key.namespace == namespace and item.key.name == name:
+                        found = True
+                        _explain_one(config, store, item, stdout)
+            except ClusterUnavailable as error:
+                print(f"cluster {cluster.name}: unavailable ({error})", file=stdout)
+        if not found:
+            print(f"{application}: not found in any selected cluster", file=stdout)
+        return exitcodes.OK
+    finally:
+        store.close()
+
+
+def _explain_one(config: Config, store: Store, observation: AppObservation, out: TextIO) -> None:
+    key = observation.key
+
+    def p(text: str = "") -> None:
+        print(text, file=out)
+
+    p(f"Application {key.qualified_name} in cluster {key.cluster} (uid {observation.uid})")
+    selected = config.applications.selects(key.qualified_name)
+    p(f"  selected by applications.include/exclude: {'yes' if selected else 'NO'}")
+    component = config.applications.component_of(key.name, observation.labels)
+    paths = [s.path for s in observation.sources if s.path]
+    p(f"  component: {component}; environment: {config.environment_for(key.cluster, key.qualified_name, paths)}")
+    p(f"  destination: {observation.destination}; sync: {observation.sync_status}; health: {observation.health_status}")
+    if observation.deleting:
+        p("  being deleted")
+    for source in observation.sources:
+        p(f"  source: {source.repo_url} path={source.path} chart={source.chart} target={source.target_revision}")
+    for entry in observation.history[-5:]:
+        p(f"  history {entry.id}: revisions={list(entry.revisions)} deployed {format_time(entry.deployed_at)}")
+    if observation.operation:
+        op = observation.operation
+        p(f"  operation: {op.phase} started {format_time(op.started_at)} revisions={list(op.revisions)}")
+    rule = CommitTagRule(config.images.commit_tag_pattern)
+    mapper = RepositoryMapper(config.images)
+    images = list(observation.operation.images or []) if observation.operation else []
+    for raw in dict.fromkeys([*images, *observation.summary_images]):
+        try:
+            image = parse_image(raw)
+        except InvalidImageReference as error:
+            p(f"  image {raw[:120]}: unparseable ({error})")
+            continue
+        if mapper.ignored(image):
+            p(f"  image {raw}: ignored by images.ignore")
+            continue
+        sha = rule.commit_of(image.tag) if image.tag else None
+        repo = mapper.repository_for(image)
+        p(f"  image {raw}: commit tag {sha or 'none'}; GitHub repository {repo or 'no rule matches'}")
+    snapshot = store.load_snapshots([key]).get(key)
+    p(f"  snapshot: {_describe_snapshot(snapshot)}")
+    policy = planner_policy(config, store.initialized_at(key.cluster), RunOptions())
+    next_plan = plan(observation, snapshot, datetime.now(UTC), policy)
+    if next_plan.deferred:
+        p("  next run: deferred (status not fresh yet)")
+    for deployment in next_plan.deployments:
+        p(
+            f"  next run emits {deployment.id}: {deployment.result.value} {deployment.deployment_class.value}, "
+            f"finished {format_time(deployment.finished_at)}, revisions {list(deployment.revisions)}"
+        )
+    if not next_plan.deployments and not next_plan.deferred:
+        p("  next run emits nothing")
+    for note in next_plan.notes:
+        p(f"  why: {note}")
+
+
+def _describe_snapshot(snapshot: Snapshot | None) -> str:
+    if snapshot is None:
+        return "none (never seen, or the store was wiped)"
+    return json.dumps(json.loads(snapshot.to_json()))
+
+
+# -- status --------------------------------------------------------------------------------------------
+
+
+def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
+    store = open_store(config.state)
+    try:
+        runs = store.run_summaries(20)
+        letters = store.dead_letters(100)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
+        return exitcodes.OK
+    print(f"last {len(runs)} run(s), newest first:", file=stdout)
+    for run in runs:
+        print(
+            f"  {run.get('started_at')} {run.get('command')} exit {run.get('exit_code')}: "
+            f"{run.get('apps_listed')} apps, {run.get('deployments_success')} success, "
+            f"{run.get('deployments_failed')} failed, {run.get('sent')} sent, "
+            f"{run.get('dead_lettered')} dead-lettered, {run.get('seconds')} s",
+            file=stdout,
+        )
+    print(f"dead letters ({len(letters)}):", file=stdout)
+    for letter in letters:
+        print(
+            f"  {letter.get('time')} connection {letter.get('connection')} {letter.get('deployment_id')}: "
+            f"HTTP {letter.get('status')} {letter.get('message')}",
+            file=stdout,
+        )
+    return exitcodes.OK

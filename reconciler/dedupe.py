@@ -1,0 +1,225 @@
+"""Component dedupe (``devlake.dedupe: component``): the same change made by several Applications of one
+component reaches each connection once.
+
+What is compared is the *change* (``commit_set_fingerprint``), counted per Application: the n-th time one
+Application makes a change matches only another Application's n-th, so a rollback or a roll-forward of commits
+the component once had goes out again, while a twin Application repeating it does not. Within a tick, the first
+Application in listing order that makes a shared change sends it, so who sends never depends on timing.
+
+Pure: ``markers_to_read`` names the store markers the decisions depend on, the caller reads them (one batched
+read) and ``assign`` turns them into ``Claims``. The markers are the store's record of what happened to each
+deployment at each connection (sent, deduplicated, rejected for good) and of each change sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reconciler.model import AppKey, EnrichedDeployment
+
+OCCURRENCES_PROBED = 8
+"""How many earlier occurrences of one change by one Application are looked up; past that the change is sent
+anyway (a possible duplicate beats a lost deployment)."""
+
+Mode = Literal["component", "application"]
+
+
+def commit_set_fingerprint(
+    enriched: EnrichedDeployment, *, environment: str, previous: Mapping[str, str] | None = None
+) -> str:
+    """A stable hash of the change a deployment makes, for component-level dedupe.
+
+    It covers the deployed head commits, where each of their repositories came from (``previous``:
+    ``owner/repo`` -> the SHA deployed before), the environment and the result. So a second Application of
+    the same component making the same change is deduplicated, while a rollback or a later redeploy of
+    commits the component already had is a new change and goes out; a staging deployment never hides the
+    production one, and a success after a failure of the same commits still goes out.
+    """
+    previous = previous or {}
+    pairs = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    origins = sorted({(commit.repo, previous[commit.repo]) for commit in enriched.heads if commit.repo in previous})
+    material = json.dumps(
+        {
+            "commits": pairs,
+            "from": origins,
+            "environment": str(environment),
+            "result": enriched.deployment.result.devlake,
+        },
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+# -- markers -----------------------------------------------------------------------------------------------
+
+
+def component_marker(connection_id: int, component: str, fingerprint: str, occurrence: int) -> str:
+    """The n-th time this component made this change, as delivered to a connection (the first keeps the
+    short form)."""
+    base = f"component:{connection_id}:{component}:{fingerprint}"
+    return base if occurrence == 1 else f"{base}:{occurrence}"
+
+
+def change_marker(key: AppKey, uid: str, fingerprint: str, occurrence: int) -> str:
+    """An Application made this change for the n-th time. Counting lets a roll-forward after a rollback (the
+    same change again) go out, while a second Application making a change already sent is deduplicated."""
+    return f"change:{key.cluster}:{key.namespace}:{key.name}:{uid[:8]}:{fingerprint}:{occurrence}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment to one connection, and the markers that record what happened to it."""
+
+    connection_id: int
+    deployment_id: str
+
+    @property
+    def sent(self) -> str:
+        """Written once DevLake accepted it."""
+        return f"sent:{self.connection_id}:{self.deployment_id}"
+
+    @property
+    def deduped(self) -> str:
+        """Written instead of ``sent`` when another Application of the component sends this change."""
+        return f"deduped:{self.connection_id}:{self.deployment_id}"
+
+    @property
+    def rejected(self) -> str:
+        """Written instead of ``sent`` when DevLake refused it for good (dead-lettered): a run moves on, a
+        backfill tries it again once the operator has fixed the cause."""
+        return f"rejected:{self.connection_id}:{self.deployment_id}"
+
+    def handled(self, existing: Set[str]) -> bool:
+        return self.sent in existing or self.deduped in existing or self.rejected in existing
+
+
+# -- the decision ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One deployment of an Application that has a payload: its change and the connections it goes to."""
+
+    deployment_id: str
+    fingerprint: str | None
+    connections: tuple[int, ...]
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return tuple(Target(connection, self.deployment_id) for connection in self.connections)
+
+
+@dataclass(frozen=True)
+class AppSteps:
+    """An Application's deployments of this tick, in delivery order."""
+
+    key: AppKey
+    uid: str
+    component: str
+    steps: Sequence[Step]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What dedupe decided for one deployment."""
+
+    change: str | None = None
+    """This Application's marker for its n-th occurrence of the change, written once the deployment is
+    recorded; ``None`` when it is not deduplicated."""
+    components: Mapping[int, str] = field(default_factory=dict)
+    """Connection id -> the component-change marker, written when that connection accepts the deployment."""
+    duplicates: Mapping[int, str] = field(default_factory=dict)
+    """Connection id -> why it is not sent there: another Application sends (or sent) the same change."""
+
+
+_UNDECIDED = Decision()
+
+
+@dataclass
+class Claims:
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    """Deployment id -> its decision (absent: sent as it is)."""
+    holders: dict[str, str] = field(default_factory=dict)
+    """Component-change marker -> the deployment that sends it: the first in listing order this tick."""
+
+    def of(self, deployment_id: str) -> Decision:
+        return self.decisions.get(deployment_id, _UNDECIDED)
+
+
+def markers_to_read(apps: Sequence[AppSteps], mode: Mode) -> list[str]:
+    """The markers ``assign`` needs to know about: for each delivery, whether it happened; for each change,
+    the Application's earlier occurrences and every component marker this tick could give it."""
+    markers: list[str] = []
+    for app in apps:
+        counts = _fingerprint_counts(app)
+        for step in app.steps:
+            for target in step.targets:
+                markers += [target.sent, target.deduped, target.rejected]
+            if mode != "component" or step.fingerprint is None or not step.connections:
+                continue
+            fingerprint = step.fingerprint
+            markers += [change_marker(app.key, app.uid, fingerprint, n) for n in range(1, OCCURRENCES_PROBED + 1)]
+            for n in range(1, OCCURRENCES_PROBED + counts[fingerprint]):
+                markers += [component_marker(c, app.component, fingerprint, n) for c in step.connections]
+    return list(dict.fromkeys(markers))
+
+
+def assign(
+    apps: Sequence[AppSteps], existing: Set[str], mode: Mode, claimed: Mapping[str, str] | None = None
+) -> Claims:
+    """Decide which deliveries are duplicates of a change another Application sends.
+
+    ``existing``: the markers of ``markers_to_read`` found in the store. ``claimed``: the holders of the
+    changes claimed earlier in this tick (earlier pages), which keep them.
+    """
+    claims = Claims(holders=dict(claimed or {}))
+    if mode != "component":
+        return claims
+    pending: list[tuple[Step, str, dict[int, str]]] = []
+    for app in apps:
+        in_this_tick: dict[str, int] = {}
+        for step in app.steps:
+            fingerprint = step.fingerprint
+            targets = step.targets
+            if fingerprint is None or not targets:
+                continue
+            if all(target.handled(existing) for target in targets):
+                continue  # recorded before (a backfill sees it again): its occurrence is already counted
+            earlier = 0
+            while (
+                earlier < OCCURRENCES_PROBED and change_marker(app.key, app.uid, fingerprint, earlier + 1) in existing
+            ):
+                earlier += 1
+            occurrence = earlier + in_this_tick.get(fingerprint, 0) + 1
+            in_this_tick[fingerprint] = in_this_tick.get(fingerprint, 0) + 1
+            if earlier == OCCURRENCES_PROBED:
+                continue
+            components = {
+                target.connection_id: component_marker(target.connection_id, app.component, fingerprint, occurrence)
+                for target in targets
+            }
+            for target in targets:
+                marker = components[target.connection_id]
+                if not target.handled(existing) and marker not in existing:
+                    claims.holders.setdefault(marker, step.deployment_id)
+            pending.append((step, change_marker(app.key, app.uid, fingerprint, occurrence), components))
+    for step, change, components in pending:
+        duplicates: dict[int, str] = {}
+        for connection, marker in components.items():
+            holder = claims.holders.get(marker)
+            if marker in existing or holder != step.deployment_id:
+                duplicates[connection] = f"sent as {holder}" if holder else "already in DevLake"
+        claims.decisions[step.deployment_id] = Decision(change, components, duplicates)
+    return claims
+
+
+def _fingerprint_counts(app: AppSteps) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for step in app.steps:
+        if step.fingerprint is not None:
+            counts[step.fingerprint] = counts.get(step.fingerprint, 0) + 1
+    return counts
