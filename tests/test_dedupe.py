@@ -1,0 +1,281 @@
+"""Component dedupe (``dedupe.assign``), one test per rule, on the markers the store would hold."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.dedupe import (
+    OCCURRENCES_PROBED,
+    AppSteps,
+    Claims,
+    Step,
+    Target,
+    assign,
+    change_marker,
+    commit_set_fingerprint,
+    component_marker,
+    markers_to_read,
+)
+from reconciler.model import (
+    AppKey,
+    Commit,
+    Deployment,
+    DeploymentClass,
+    DeploymentKind,
+    EnrichedDeployment,
+    Result,
+    Snapshot,
+    deployment_id,
+)
+from tests.factories import at, fake_sha, fake_uid
+
+COMPONENT = "payments-api"
+CHANGE = "f" * 32
+"""A change fingerprint (``commit_set_fingerprint``)."""
+OTHER_CHANGE = "e" * 32
+
+
+def key(name: str) -> AppKey:
+    return AppKey("prod-east", "argocd", name)
+
+
+def uid(name: str) -> str:
+    return fake_uid(f"argocd/{name}")
+
+
+def id_of(name: str, ref: str) -> str:
+    return deployment_id(key(name), uid(name), ref)
+
+
+def app(name: str, *steps: tuple[str, str | None], connections: Sequence[int] = (1,)) -> AppSteps:
+    """``name`` deploying ``(ref, fingerprint)`` after ``(ref, fingerprint)``, to ``connections``."""
+    return AppSteps(
+        key(name),
+        uid(name),
+        COMPONENT,
+        [Step(id_of(name, ref), fingerprint, tuple(connections)) for ref, fingerprint in steps],
+    )
+
+
+def changed(name: str, occurrence: int, fingerprint: str = CHANGE) -> str:
+    """``name`` recorded its ``occurrence``-th making of the change."""
+    return change_marker(key(name), uid(name), fingerprint, occurrence)
+
+
+def in_devlake(occurrence: int, fingerprint: str = CHANGE, connection: int = 1) -> str:
+    """The component's ``occurrence``-th making of the change was delivered to ``connection``."""
+    return component_marker(connection, COMPONENT, fingerprint, occurrence)
+
+
+def sent(name: str, ref: str, connection: int = 1) -> str:
+    return Target(connection, id_of(name, ref)).sent
+
+
+def decide(*apps: AppSteps, existing: Sequence[str] = (), claimed: dict[str, str] | None = None) -> Claims:
+    return assign(apps, set(existing), "component", claimed)
+
+
+# -- who sends a shared change ---------------------------------------------------------------------------
+
+
+def test_the_first_application_in_listing_order_sends_a_change_its_twin_makes_too() -> None:
+    claims = decide(app("payments-api-eu", ("h1", CHANGE)), app("payments-api-us", ("h1", CHANGE)))
+    eu, us = claims.of(id_of("payments-api-eu", "h1")), claims.of(id_of("payments-api-us", "h1"))
+    assert eu.duplicates == {}
+    assert us.duplicates == {1: f"sent as {id_of('payments-api-eu', 'h1')}"}
+    assert eu.components == us.components == {1: in_devlake(1)}
+    assert (eu.change, us.change) == (changed("payments-api-eu", 1), changed("payments-api-us", 1))
+    assert claims.holders == {in_devlake(1): id_of("payments-api-eu", "h1")}
+
+
+def test_listing_order_not_names_decides_the_sender() -> None:
+    claims = decide(app("payments-api-us", ("h1", CHANGE)), app("payments-api-eu", ("h1", CHANGE)))
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {}
+    assert claims.of(id_of("payments-api-eu", "h1")).duplicates == {1: f"sent as {id_of('payments-api-us', 'h1')}"}
+
+
+def test_a_change_delivered_on_an_earlier_run_is_not_sent_again_by_a_twin() -> None:
+    claims = decide(app("payments-api-us", ("h1", CHANGE)), existing=[in_devlake(1), changed("payments-api-eu", 1)])
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {1: "already in DevLake"}
+    assert claims.holders == {}
+
+
+def test_a_change_claimed_on_an_earlier_page_stays_with_its_holder() -> None:
+    """The holder may be held back (DevLake down): it sends on the next run, and the twin still must not."""
+    holder = id_of("payments-api-eu", "h1")
+    claims = decide(app("payments-api-us", ("h1", CHANGE)), claimed={in_devlake(1): holder})
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {1: f"sent as {holder}"}
+    assert claims.holders == {in_devlake(1): holder}
+
+
+def test_different_changes_of_one_component_are_each_sent() -> None:
+    claims = decide(app("payments-api-eu", ("h1", CHANGE)), app("payments-api-us", ("h1", OTHER_CHANGE)))
+    assert claims.of(id_of("payments-api-eu", "h1")).duplicates == {}
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {}
+
+
+def test_different_components_never_share_a_change() -> None:
+    search = AppSteps(
+        key("search-api"), uid("search-api"), "search-api", [Step(id_of("search-api", "h1"), CHANGE, (1,))]
+    )
+    claims = decide(app("payments-api", ("h1", CHANGE)), search)
+    assert claims.of(id_of("search-api", "h1")).duplicates == {}
+    assert claims.of(id_of("search-api", "h1")).components == {1: component_marker(1, "search-api", CHANGE, 1)}
+
+
+# -- occurrences: rollbacks and roll-forwards ------------------------------------------------------------
+
+
+def test_making_a_change_again_after_a_rollback_is_a_new_occurrence_and_goes_out() -> None:
+    """eu went 1 -> 0 -> 1: the second forward is eu's second making of the change, not in DevLake yet."""
+    claims = decide(app("payments-api-eu", ("h3", CHANGE)), existing=[changed("payments-api-eu", 1), in_devlake(1)])
+    decision = claims.of(id_of("payments-api-eu", "h3"))
+    assert decision.duplicates == {}
+    assert decision.change == changed("payments-api-eu", 2)
+    assert decision.components == {1: in_devlake(2)}
+
+
+def test_a_twins_nth_making_of_a_change_matches_only_the_others_nth() -> None:
+    existing = [changed("payments-api-eu", 1), changed("payments-api-eu", 2), in_devlake(1), in_devlake(2)]
+    first = decide(app("payments-api-us", ("h1", CHANGE)), existing=existing)
+    assert first.of(id_of("payments-api-us", "h1")).duplicates == {1: "already in DevLake"}
+    third = decide(
+        app("payments-api-us", ("h3", CHANGE)),
+        existing=[*existing, changed("payments-api-us", 1), changed("payments-api-us", 2)],
+    )
+    assert third.of(id_of("payments-api-us", "h3")).duplicates == {}, "eu never made it a third time"
+    assert third.of(id_of("payments-api-us", "h3")).components == {1: in_devlake(3)}
+
+
+def test_one_application_making_a_change_twice_in_one_run_counts_both() -> None:
+    claims = decide(app("payments-api-eu", ("h1", CHANGE), ("h2", OTHER_CHANGE), ("h3", CHANGE)))
+    assert claims.of(id_of("payments-api-eu", "h1")).change == changed("payments-api-eu", 1)
+    assert claims.of(id_of("payments-api-eu", "h3")).change == changed("payments-api-eu", 2)
+    assert claims.of(id_of("payments-api-eu", "h3")).components == {1: in_devlake(2)}
+    assert all(not claims.of(id_of("payments-api-eu", ref)).duplicates for ref in ("h1", "h2", "h3"))
+
+
+def test_past_the_occurrences_looked_up_a_change_is_sent_anyway() -> None:
+    existing = [changed("payments-api-us", n) for n in range(1, OCCURRENCES_PROBED + 1)]
+    claims = decide(app("payments-api-us", ("h9", CHANGE)), existing=[*existing, in_devlake(OCCURRENCES_PROBED + 1)])
+    assert claims.of(id_of("payments-api-us", "h9")).duplicates == {}
+    assert claims.of(id_of("payments-api-us", "h9")).change is None, "not deduplicated: a duplicate beats a loss"
+
+
+# -- environments and results ----------------------------------------------------------------------------
+
+
+def _enriched(name: str, result: Result = Result.SUCCESS) -> EnrichedDeployment:
+    sha = fake_sha("payments-api-2")
+    head = Commit("acme/payments-api", "https://github.com/acme/payments-api", sha, "Fix", at(0))
+    deployment = Deployment(
+        key=key(name),
+        uid=uid(name),
+        kind=DeploymentKind.HISTORY,
+        ref="h1",
+        result=result,
+        deployment_class=DeploymentClass.NEW_REVISION,
+        started_at=at(1),
+        finished_at=at(2),
+        revisions=(sha,),
+        sources=(),
+        snapshot_after=Snapshot(uid=uid(name), last_seen=at(2)),
+    )
+    return EnrichedDeployment(deployment, heads=(head,), history=(head,))
+
+
+def test_a_staging_deployment_never_hides_the_production_one() -> None:
+    staging = commit_set_fingerprint(_enriched("payments-api-staging"), environment="STAGING")
+    production = commit_set_fingerprint(_enriched("payments-api-prod"), environment="PRODUCTION")
+    claims = decide(app("payments-api-staging", ("h1", staging)), app("payments-api-prod", ("h1", production)))
+    assert claims.of(id_of("payments-api-prod", "h1")).duplicates == {}
+
+
+def test_a_success_after_a_failure_of_the_same_commits_is_not_a_duplicate() -> None:
+    failed = commit_set_fingerprint(_enriched("payments-api-eu", Result.FAILED), environment="PRODUCTION")
+    succeeded = commit_set_fingerprint(_enriched("payments-api-us"), environment="PRODUCTION")
+    claims = decide(app("payments-api-eu", ("h1", failed)), app("payments-api-us", ("h1", succeeded)))
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {}
+
+
+# -- what was recorded before ----------------------------------------------------------------------------
+
+
+def test_a_backfill_seeing_recorded_deployments_does_not_count_them_again() -> None:
+    """h1 was sent (its change counted as occurrence 1); the backfill's new h2 makes the change a second time."""
+    claims = decide(
+        app("payments-api-eu", ("h1", CHANGE), ("h2", CHANGE)),
+        existing=[sent("payments-api-eu", "h1"), changed("payments-api-eu", 1), in_devlake(1)],
+    )
+    assert id_of("payments-api-eu", "h1") not in claims.decisions, "recorded: nothing to decide"
+    assert claims.of(id_of("payments-api-eu", "h2")).change == changed("payments-api-eu", 2)
+    assert claims.of(id_of("payments-api-eu", "h2")).duplicates == {}
+
+
+def test_a_deployment_recorded_at_one_connection_is_decided_for_the_other_without_claiming_the_first() -> None:
+    eu = app("payments-api-eu", ("h1", CHANGE), connections=(1, 6))
+    claims = decide(eu, existing=[sent("payments-api-eu", "h1", connection=1)])
+    decision = claims.of(id_of("payments-api-eu", "h1"))
+    assert decision.components == {1: in_devlake(1, connection=1), 6: in_devlake(1, connection=6)}
+    assert claims.holders == {in_devlake(1, connection=6): id_of("payments-api-eu", "h1")}
+    assert decision.duplicates == {1: "already in DevLake"}, "connection 1 is skipped as sent before it gets here"
+
+
+def test_each_connection_is_decided_on_its_own() -> None:
+    existing = [in_devlake(1, connection=6), changed("payments-api-eu", 1)]
+    claims = decide(app("payments-api-us", ("h1", CHANGE), connections=(1, 6)), existing=existing)
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {6: "already in DevLake"}
+
+
+def test_a_deployment_without_a_change_fingerprint_is_not_deduplicated() -> None:
+    claims = decide(app("payments-api-eu", ("h1", None)), app("payments-api-us", ("h1", None)))
+    assert claims.decisions == {} and claims.holders == {}
+
+
+def test_application_mode_decides_nothing_and_reads_only_the_delivery_markers() -> None:
+    apps = [app("payments-api-eu", ("h1", CHANGE)), app("payments-api-us", ("h1", CHANGE))]
+    claims = assign(apps, set(), "application")
+    assert claims.decisions == {} and claims.holders == {}
+    wanted = markers_to_read(apps, "application")
+    targets = [Target(1, id_of(name, "h1")) for name in ("payments-api-eu", "payments-api-us")]
+    assert wanted == [marker for t in targets for marker in (t.sent, t.deduped, t.rejected)]
+
+
+# -- the one store read ----------------------------------------------------------------------------------
+
+NAMES = ("payments-api-eu", "payments-api-us", "payments-api-ap")
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[AppSteps], set[str]]:
+    """Apps of one component deploying a few changes to one or two connections, and markers in the store: each
+    app's earlier occurrences of each change (up to past what is looked up), deliveries and component changes."""
+    apps = []
+    universe: list[str] = []
+    existing: set[str] = set()
+    for name in draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)):
+        refs = [f"h{n}" for n in range(draw(st.integers(1, 4)))]
+        steps = [(ref, draw(st.sampled_from([CHANGE, OTHER_CHANGE, None]))) for ref in refs]
+        connections = draw(st.sampled_from([(1,), (1, 6)]))
+        apps.append(app(name, *steps, connections=connections))
+        for change in (CHANGE, OTHER_CHANGE):
+            earlier = draw(st.integers(0, OCCURRENCES_PROBED + 1))
+            existing |= {changed(name, n, change) for n in range(1, earlier + 1)}
+        for ref, fingerprint in steps:
+            for connection in connections:
+                target = Target(connection, id_of(name, ref))
+                universe += [target.sent, target.deduped, target.rejected]
+                universe += [in_devlake(n, fingerprint or CHANGE, connection) for n in range(1, 14)]
+    existing |= draw(st.sets(st.sampled_from(universe), max_size=30))
+    return apps, existing
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_the_markers_read_are_all_the_decisions_depend_on(scenario: tuple[list[AppSteps], set[str]]) -> None:
+    apps, existing = scenario
+    read = set(markers_to_read(apps, "component"))
+    assert assign(apps, existing & read, "component") == assign(apps, existing, "component")
