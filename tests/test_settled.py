@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from reconciler.application import parse_application
-from reconciler.config import load_config
-from reconciler.model import AppKey
-from reconciler.settled import settled_digest
+from reconciler.config import ImagesConfig, load_config
+from reconciler.images import CommitImages
+from reconciler.model import AppKey, Snapshot
+from reconciler.planner import PlannerPolicy, plan
+from reconciler.settled import for_planning, settle, settled_digest
 from reconciler.store import open_store
 from tests.factories import (
+    SIDECAR,
+    append_history,
     at,
     fake_sha,
+    fake_uid,
+    history_entry,
+    make_app,
     mark_deleting,
     operation_state,
     redeployed,
     set_health,
     set_reconciled,
     set_summary_images,
+    set_sync,
     settled_app,
+    ts,
+    with_history,
     with_operation,
     with_operation_state,
 )
@@ -192,3 +206,237 @@ def test_runs_of_another_shard_layout_are_kept_out_while_one_runs(
             assert world.run("--shard", "0/3") == 3
         finally:
             store.close()
+
+
+# -- the digest sees every change that changes the plan ----------------------------------------------------
+
+T = TypeVar("T")
+POLICY = PlannerPolicy(initialized_at=at(-24 * 60), commit_images=CommitImages(ImagesConfig()))
+HEALTHS = ["Healthy", "Missing", "Degraded", "Progressing", None]
+PHASES = ["Succeeded", "Failed", "Error", "Running"]
+"""Phases of an operation; a generated one succeeded as often as not."""
+IMAGES = [f"{IMAGE_REPO}:{fake_sha(f'image-{n}')}" for n in range(3)]
+"""Three tags of one image repository: live images that differ from the recorded ones are an image change."""
+
+
+def image_sets() -> st.SearchStrategy[list[str]]:
+    return st.sampled_from([[], [IMAGES[0]], [IMAGES[1]], [IMAGES[2]], [IMAGES[1], SIDECAR]])
+
+
+def times(low: int, high: int) -> st.SearchStrategy[datetime]:
+    return st.integers(low, high).map(lambda minute: at(minute))
+
+
+@st.composite
+def operations(draw: st.DrawFn, after: int) -> dict[str, Any]:
+    """An operation state started after minute ``after``: any phase, maybe a dry run or a partial sync."""
+    started = draw(times(after + 1, after + 20))
+    phase = draw(st.sampled_from(["Succeeded", "Succeeded", "Succeeded", *PHASES[1:]]))
+    finished: datetime | None = started + timedelta(seconds=draw(st.integers(1, 300)))
+    if phase == "Running" and draw(st.booleans()):
+        finished = None
+    return operation_state(
+        phase,
+        started,
+        finished,
+        revision=fake_sha(draw(st.sampled_from(["gitops-x", "gitops-y"]))),
+        images=draw(st.none() | image_sets()),
+        retry_count=draw(st.integers(0, 3)),
+        dry_run=draw(st.booleans()),
+        resources=[{"kind": "Deployment", "name": "app"}] if draw(st.booleans()) else None,
+    )
+
+
+@st.composite
+def applications(draw: st.DrawFn) -> dict[str, Any]:
+    """A well-formed Application in any state: history, the operation that produced it or a later one."""
+    count = draw(st.integers(0, 2))
+    entries = [history_entry(n, fake_sha(f"gitops-{n}"), at(10 * n)) for n in range(count)]
+    kind = draw(st.sampled_from(["none", "producer", "later", "later"]))
+    state: dict[str, Any] | None = None
+    if kind == "producer" and entries:
+        newest = entries[-1]
+        images = draw(st.none() | image_sets())
+        state = operation_state(
+            "Succeeded", newest["deployStartedAt"], newest["deployedAt"], revision=newest["revision"], images=images
+        )
+    elif kind == "later":
+        state = draw(operations(10 * count))
+    app = make_app(
+        "payments-api",
+        history=entries,
+        operation_state=state,
+        sync_status=draw(st.sampled_from(["Synced", "OutOfSync"])),
+        health_status=draw(st.sampled_from(HEALTHS)),
+        health_transition_at=draw(st.none() | times(-30, 60)),
+        summary_images=draw(image_sets()),
+    )
+    return with_operation(app, fake_sha("gitops-z")) if draw(st.integers(0, 3)) == 0 else app
+
+
+class Draw(Protocol):
+    def __call__(self, strategy: st.SearchStrategy[T], /) -> T: ...
+
+
+def settled_snapshot(app: dict[str, Any]) -> Snapshot | None:
+    """What the store holds once ticks have delivered everything the app had to give and one left nothing to
+    decide; ``None`` when it never settles (a stale status, a verdict pending past the ticks tried)."""
+    observation = parse_application(app, "prod-east")
+    snapshot: Snapshot | None = None
+    for tick in range(4):
+        result = plan(observation, snapshot, at(100 + 70 * tick), POLICY)
+        if result.deferred:
+            return None
+        if not result.deployments and result.snapshot.pending is None:
+            return settle(result.snapshot, settled_digest(app))
+        snapshot = result.snapshot
+    return None
+
+
+def _flip_operation(app: dict[str, Any], field: str, draw: Draw) -> dict[str, Any]:
+    new = copy.deepcopy(app)
+    state = new["status"].get("operationState")
+    if state is None:
+        return new
+    sync = state["operation"]["sync"]
+    if field == "operation phase":
+        state["phase"] = draw(st.sampled_from([phase for phase in PHASES if phase != state["phase"]]))
+    elif field == "operation finished":
+        if state.pop("finishedAt", None) is None:
+            state["finishedAt"] = ts(draw(times(30, 60)))
+    elif field == "operation started":
+        state["startedAt"] = ts(draw(times(-5, 60)))
+    elif field == "operation dry run":
+        sync["dryRun"] = not sync.get("dryRun")
+    elif field == "operation partial":
+        if sync.pop("resources", None) is None:
+            sync["resources"] = [{"kind": "Deployment", "name": "app"}]
+    else:
+        state["message"] = "something else entirely"
+        state["retryCount"] = 4
+        state["syncResult"] = {"revision": fake_sha("other"), "resources": [{"kind": "Deployment", "images": IMAGES}]}
+    return new
+
+
+def _change_history(app: dict[str, Any], field: str, draw: Draw) -> dict[str, Any]:
+    history = list(app["status"].get("history") or [])
+    if field == "new history entry":
+        number = history[-1]["id"] + 1 if history else 0
+        return append_history(app, history_entry(number, fake_sha(f"gitops-{number}"), draw(times(40, 60))))
+    new = copy.deepcopy(app)
+    if not history:
+        return new
+    if field == "oldest entry truncated":
+        return with_history(app, history[1:])
+    newest = new["status"]["history"][-1]
+    if field == "newest entry deployed":
+        newest["deployedAt"] = ts(draw(times(-5, 60)))
+    elif field == "newest entry started":
+        newest["deployStartedAt"] = ts(draw(times(-5, 60)))
+    else:
+        newest["revision"] = fake_sha("rewritten")
+        newest["source"]["targetRevision"] = "rewritten"
+    return new
+
+
+def _change_status(app: dict[str, Any], field: str, draw: Draw) -> dict[str, Any]:
+    new = copy.deepcopy(app)
+    health = app["status"].get("health") or {}
+    if field == "health status":
+        return set_health(
+            app,
+            draw(st.sampled_from([h for h in HEALTHS if h != health.get("status")])),
+            health.get("lastTransitionTime"),
+        )
+    if field == "health transition" and health:
+        return set_health(app, health.get("status"), draw(st.none() | times(-30, 90)))
+    if field == "sync":
+        return set_sync(app, "OutOfSync" if app["status"]["sync"]["status"] == "Synced" else "Synced")
+    if field == "live images":
+        return set_summary_images(app, draw(image_sets()))
+    if field == "new operation":
+        return with_operation_state(app, draw(operations(40)))
+    if field == "operation requested or gone":
+        return with_operation(app, fake_sha("gitops-requested")) if "operation" not in app else _without_request(app)
+    if field == "refreshed":
+        new = set_reconciled(app, at(draw(st.integers(200, 400))))
+        new["metadata"]["resourceVersion"] = "99999999"
+    elif field == "deleting":
+        new = mark_deleting(app, at(300))
+    elif field == "recreated":
+        new["metadata"]["uid"] = fake_uid("another payments-api")
+    else:
+        new["metadata"]["labels"] = {"app.kubernetes.io/part-of": "payments"}
+        new["spec"]["source"]["targetRevision"] = "release-2"
+    return new
+
+
+def _without_request(app: dict[str, Any]) -> dict[str, Any]:
+    new = copy.deepcopy(app)
+    new.pop("operation")
+    return new
+
+
+OPERATION_FIELDS = [
+    "operation phase",
+    "operation finished",
+    "operation started",
+    "operation dry run",
+    "operation partial",
+    "operation message and results",
+]
+HISTORY_FIELDS = [
+    "new history entry",
+    "oldest entry truncated",
+    "newest entry deployed",
+    "newest entry started",
+    "recorded entry rewritten",
+]
+STATUS_FIELDS = [
+    "health status",
+    "health transition",
+    "sync",
+    "live images",
+    "new operation",
+    "operation requested or gone",
+    "refreshed",
+    "deleting",
+    "recreated",
+    "labels and spec",
+]
+FIELDS = [*OPERATION_FIELDS, *HISTORY_FIELDS, *STATUS_FIELDS]
+
+
+def change(app: dict[str, Any], field: str, draw: Draw) -> dict[str, Any]:
+    """``app`` with one field changed, as Argo CD (or a user) can change it; unchanged when it has no such field."""
+    if field in OPERATION_FIELDS:
+        return _flip_operation(app, field, draw)
+    if field in HISTORY_FIELDS:
+        return _change_history(app, field, draw)
+    return _change_status(app, field, draw)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_property_a_change_that_changes_the_plan_changes_the_digest(data: st.DataObject) -> None:
+    """The fast path skips an Application whose digest equals the stored one, as if its plan were empty and its
+    snapshot unchanged: that must be what planning it would decide. Changes add up between settled ticks, so
+    each field is changed alone and then a few together."""
+    app = data.draw(applications(), "app")
+    stored = settled_snapshot(app)
+    assume(stored is not None)
+    assert stored is not None
+    now = at(500)
+    before = plan(parse_application(app, "prod-east"), for_planning(stored), now, POLICY)
+    combined = data.draw(st.lists(st.sampled_from(FIELDS), min_size=2, max_size=4), "fields changed together")
+    for fields in [*([field] for field in FIELDS), combined]:
+        changed = app
+        for field in fields:
+            changed = change(changed, field, data.draw)
+        after = plan(parse_application(changed, "prod-east"), for_planning(stored), now, POLICY)
+        if (after.deployments, after.deferred, after.snapshot) != (
+            before.deployments,
+            before.deferred,
+            before.snapshot,
+        ):
+            assert settled_digest(changed) != stored.settled_digest, f"{fields}: the plan changed, not the digest"
