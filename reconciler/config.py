@@ -411,7 +411,12 @@ def _describe(problem: Mapping[str, Any]) -> str:
 
 
 def _apply_override(data: dict[str, Any], name: str, raw: str) -> str | None:
-    """Set ``DORA__A__B__0__C`` into ``data['a']['b'][0]['c']``; the value is parsed as YAML."""
+    """Set ``DORA__A__B__0__C`` into ``data['a']['b'][0]['c']``; the value is parsed as YAML.
+
+    Not pydantic-settings: it cannot address a list item by index (``CONNECTIONS__0__ID`` becomes a mapping
+    with the key ``"0"``, which a list field rejects) and its merge of sources replaces a list whole, so one
+    overridden item would drop the file's others. Overrides are applied to the file's data instead, before
+    validation, so every problem names its key and one naming a variable says it came from the environment."""
     parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
     if not all(parts):
         return f"{name}: malformed override name"

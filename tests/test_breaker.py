@@ -34,7 +34,7 @@ def test_an_outage_holds_the_connection_back_at_the_threshold_and_says_so_once()
 
 def test_failures_without_a_response_count_as_an_outage_too() -> None:
     breaker = ConnectionBreaker()
-    assert fail(breaker, 1, OUTAGE_FAILURES)[-1] is not None
+    assert fail(breaker, 1, OUTAGE_FAILURES, UNREACHABLE)[-1] is not None
 
 
 def test_a_connection_that_accepted_a_delivery_is_never_held_back_for_failures() -> None:

@@ -33,7 +33,6 @@ GITHUB_TOKEN = "ghp_e2eSECRETtoken0123456789abcdefghijkl"
 DEVLAKE_KEYS = {1: "devlake-key-ONE-" + "k" * 40, 6: "devlake-key-SIX-" + "s" * 40}
 KUBE_TOKEN = "kube-bearer-SECRET-token-0123456789"
 IMAGE_REPO = "quay.io/acme/payments-api"
-GITHUB_REPO = "acme/payments-api"
 
 
 class World:

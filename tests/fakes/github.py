@@ -60,22 +60,18 @@ class FakeRepo:
 
 
 class InMemoryCache:
-    """A ``CommitCache`` (the state store's cache part) in a dict, counting round trips."""
+    """A ``CommitCache`` (the state store's cache part) in a dict."""
 
     def __init__(self) -> None:
         self.data: dict[tuple[str, str], str] = {}
-        self.gets = 0
-        self.puts = 0
         self._lock = threading.Lock()
 
     def cache_get(self, kind: str, keys: Sequence[str]) -> dict[str, str]:
         with self._lock:
-            self.gets += 1
             return {key: self.data[(kind, key)] for key in keys if (kind, key) in self.data}
 
     def cache_put(self, kind: str, items: Mapping[str, str]) -> None:
         with self._lock:
-            self.puts += 1
             for key, value in items.items():
                 self.data[(kind, key)] = value
 
