@@ -1,7 +1,7 @@
 """One measured phase of a benchmark, in a fresh process: ``baseline``, ``steady`` or ``burst``.
 
 Run by ``benchmarks.tick`` (``python -m benchmarks.phase SPEC_JSON``); prints one JSON line with the figures.
-The reconciler is the real one (``Reconciler`` with the real Kubernetes, GitHub, DevLake and store clients);
+The pass is the real one (``runtime.run_pass`` with the real Kubernetes, GitHub, DevLake and store clients);
 only the far ends are fakes: the API server and DevLake in the server process, GitHub through ``responses``.
 """
 
@@ -36,8 +36,8 @@ from reconciler.config import Config, validate_config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
 from reconciler.model import AppKey, Snapshot
-from reconciler.reconcile import Reconciler
 from reconciler.run import RunOptions, RunSummary
+from reconciler.runtime import Runtime, run_pass
 from reconciler.store import Store, StoredSnapshot, open_store
 from tests.fakes.github import FakeGitHub, Reply
 
@@ -254,7 +254,7 @@ class Bench:
         self.github = GitHubClient(self.config.github, self.store)
         self.session = CountingSession()
         self.devlake = DevLakeClient(self.config.devlake, session=self.session)
-        self.reconciler = Reconciler(self.config, self.store, self.github, self.devlake)
+        self.runtime = Runtime(self.config, self.store, self.github, self.devlake)
         self.cluster = self.config.clusters[0]
         self.gc = GCTimer()
 
@@ -282,7 +282,7 @@ class Bench:
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        summary = self.reconciler.run(RunOptions())
+        summary = run_pass(self.runtime, RunOptions()).summary
         if profiler is not None:
             profiler.disable()
         seconds = time.perf_counter() - started
@@ -342,7 +342,9 @@ def run(spec: Spec) -> dict[str, Any]:
     return result
 
 
-def _summary(summary: RunSummary) -> dict[str, Any]:
+def _summary(summary: RunSummary | None) -> dict[str, Any]:
+    if summary is None:
+        raise RuntimeError("the pass did not run: see the log above")
     keys = (
         "apps_listed",
         "apps_malformed",

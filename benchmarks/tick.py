@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import IO, Any
 import redis
 
 from benchmarks.phase import DEVLAKE_KEY_ENV, GITHUB_TOKEN_ENV, Spec
+from tests.redis_server import RedisStartError, serving_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 GITHUB_TOKEN = "ghp_benchSECRETtoken0123456789abcdefghijklm"
@@ -53,49 +52,6 @@ RSS_TARGET_APPS = 5000
 
 
 # -- processes -----------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    """``$REDIS_URL``, else a ``redis-server`` on a free port without persistence, stopped on exit."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH: install it, set REDIS_URL, or use --state sqlite")
-    port = _free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with (directory / "redis.log").open("wb") as log:
-        process = subprocess.Popen([*command, "--dir", str(directory)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise SystemExit(f"redis-server did not start: {(directory / 'redis.log').read_text()}") from None
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _drop_keys(url: str, prefix: str) -> None:
@@ -392,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         redis_url: str | None = None
         if args.state == "redis":
             redis_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dora-bench-redis-"))
-            redis_url = stack.enter_context(redis_server(Path(redis_dir)))
+            try:
+                redis_url = stack.enter_context(serving_redis(Path(redis_dir)))
+            except RedisStartError as error:
+                raise SystemExit(f"{error} (or use --state sqlite)") from None
         results = []
         for apps in args.apps:
             print(f"measuring {apps:,} apps ...", file=sys.stderr, flush=True)

@@ -2,90 +2,31 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import freezegun
 import pytest
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from reconciler.store import RedisStore, SQLiteStore, Store
-
-REDIS_START_DEADLINE_SECONDS = 10.0
+from tests.redis_server import RedisStartError, serving_redis
 
 # Frozen time is for our code. The kubernetes client builds pydantic models lazily (a FakeDatetime there
 # breaks its schemas), Redis keeps its own clock, and urllib3 checks the system time for TLS.
 freezegun.configure(extend_ignore_list=["kubernetes", "redis", "urllib3", "pydantic", "pydantic_core"])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for_redis(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    deadline = time.monotonic() + REDIS_START_DEADLINE_SECONDS
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                break
-            try:
-                process.wait(timeout=0.02)  # doubles as the poll interval and detects an early exit
-            except subprocess.TimeoutExpired:
-                continue
-            break
-    finally:
-        client.close()
-    process.kill()
-    process.wait()
-    pytest.fail(f"redis-server did not answer PING on port {port}:\n{log_path.read_text(errors='replace')}")
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``$REDIS_URL``, else a throwaway ``redis-server`` on a free 127.0.0.1 port, stopped at session end."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: install it (apt-get install redis-server) or set REDIS_URL")
-    directory = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    log_path = directory / "redis.log"
-    with log_path.open("wb") as log_file:
-        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        process = subprocess.Popen(
-            [*command, "--dir", str(directory)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_for_redis(process, port, log_path)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
+    with ExitStack() as stack:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            url = stack.enter_context(serving_redis(tmp_path_factory.mktemp("redis")))
+        except RedisStartError as error:
+            pytest.fail(str(error))
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import at, git_source, history_entry, make_app, operation_state, set_health
-from tests.test_end_to_end import baselined, deployed_app, new_deployment
+from tests.scenarios import baselined, deployed_app, new_deployment
 from tests.world import IMAGE_REPO, World, log_lines
 
 

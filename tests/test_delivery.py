@@ -28,7 +28,6 @@ from reconciler.reconcile import Reconciler
 from reconciler.run import RunOptions
 from reconciler.runtime import Runtime
 from reconciler.store import RedisStore, RunLock, SQLiteStore, Store, open_store
-from tests import factories
 from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import (
     at,
@@ -39,6 +38,14 @@ from tests.factories import (
     operation_state,
 )
 from tests.fakes.devlake import FakeDevLake
+from tests.scenarios import (
+    baselined_twins,
+    deploy,
+    image_of,
+    payments_world,
+    settled_app,
+    three_deployments_waiting,
+)
 from tests.world import DEVLAKE_KEYS, World
 
 CLUSTER = "prod-east"
@@ -163,33 +170,6 @@ def one_page(tmp_path: Path, page_size: int = 500) -> dict[str, Any]:
             {"name": CLUSTER, "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": page_size}
         ]
     }
-
-
-def image_of(repo: str, sha: str) -> str:
-    return f"quay.io/acme/{repo}:{sha}"
-
-
-def settled_app(name: str, gitops_sha: str, image_sha: str, *, image_repo: str = "payments-api") -> dict[str, Any]:
-    """History id 0 deployed ``gitops_sha`` with ``image_sha``; settled and Healthy (a baseline)."""
-    return factories.settled_app(name, gitops_sha, image_of(image_repo, image_sha))
-
-
-def deploy(
-    app: dict[str, Any], history_id: int, gitops_sha: str, image_sha: str, *, image_repo: str = "payments-api"
-) -> dict[str, Any]:
-    """``app`` after a successful sync (history ``history_id``) of ``gitops_sha`` with ``image_sha``, then Healthy."""
-    return factories.redeployed(app, history_id, gitops_sha, image_of(image_repo, image_sha), 10.0 * history_id)
-
-
-def three_deployments_waiting(world: World, *names: str) -> None:
-    """Each Application named is baselined by a first run, then deploys history ids 1, 2 and 3 (not run yet)."""
-    gitops, images = payments_world(world)
-    apps = [settled_app(name, gitops[0], images[0]) for name in names]
-    world.set_apps(apps)
-    assert world.run() == 0
-    for i in (1, 2, 3):
-        apps = [deploy(app, i, gitops[i], images[i]) for app in apps]
-    world.set_apps(apps)
 
 
 def id_of(name: str, ref: str, namespace: str = NAMESPACE) -> str:
@@ -326,10 +306,6 @@ TWO_CONNECTIONS = [
 ]
 
 
-def payments_world(world: World) -> tuple[list[str], list[str]]:
-    return world.github.add_commits("acme/gitops", 6), world.github.add_commits("acme/payments-api", 6)
-
-
 def test_each_connection_gets_its_deployments_once_with_its_own_key(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,11 +343,7 @@ def test_the_same_change_deployed_by_a_second_application_a_tick_later_is_not_se
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=REGIONS, connections=TWO_CONNECTIONS) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
 
         eu = deploy(eu, 1, gitops[1], images[1])
         world.set_apps([eu, us])
@@ -397,11 +369,7 @@ def test_application_dedupe_mode_sends_every_applications_deployment(
     with open_world(
         tmp_path, state_url, monkeypatch, config=REGIONS, devlake={"dedupe": "application"}, connections=TWO_CONNECTIONS
     ) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
         world.set_apps([deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[1], images[1])])
         assert world.run() == 0
         both = sorted([id_of("payments-api-eu", "h1"), id_of("payments-api-us", "h1")])
@@ -414,11 +382,7 @@ def test_rollbacks_and_roll_forwards_go_out_while_the_twin_application_repeating
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
 
         path = [1, 0, 1]  # forward, rollback, the same change forward again
         for step, target in enumerate(path, start=1):
@@ -444,11 +408,7 @@ def test_a_shared_change_whose_sender_is_held_back_is_sent_once_by_it_on_the_nex
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
         world.set_apps([deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[1], images[1])])
         sender = id_of("payments-api-eu", "h1")
         devlake.answer(sender, 503)
@@ -465,11 +425,7 @@ def test_a_backfill_sends_only_what_no_application_has_sent(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
         eu, us = deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[1], images[1])
         world.set_apps([eu, us])
         assert world.run() == 0
@@ -820,11 +776,7 @@ def test_a_crash_after_sending_a_shared_change_does_not_let_the_twin_application
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
-        gitops, images = payments_world(world)
-        eu = settled_app("payments-api-eu", gitops[0], images[0])
-        us = settled_app("payments-api-us", gitops[0], images[0])
-        world.set_apps([eu, us])
-        assert world.run() == 0
+        gitops, images, eu, us = baselined_twins(world)
         world.set_apps([deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[1], images[1])])
 
         with crash_at("after POST", 0), pytest.raises(Crash):

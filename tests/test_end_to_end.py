@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from reconciler.model import AppKey, deployment_id
-from tests.factories import at, fake_uid, make_app, operation_state, redeployed, settled_app, with_operation_state
+from tests.factories import at, fake_uid, make_app, operation_state, with_operation_state
+from tests.scenarios import baselined, deployed_app, new_deployment
 from tests.world import DEVLAKE_KEYS, GITHUB_TOKEN, IMAGE_REPO, KUBE_TOKEN, World, dry_run_lines, log_lines
-
-
-def deployed_app(world: World, gitops_sha: str, image_sha: str, *, name: str = "payments-api") -> dict[str, Any]:
-    """An app whose history id 0 deployed ``gitops_sha`` with image ``image_sha``: settled and Healthy."""
-    return settled_app(name, gitops_sha, f"{IMAGE_REPO}:{image_sha}")
-
-
-def new_deployment(
-    app: dict[str, Any], history_id: int, gitops_sha: str, image_sha: str, minute: float
-) -> dict[str, Any]:
-    """``app`` after a successful sync of ``gitops_sha`` with image ``image_sha`` at ``minute``, then Healthy."""
-    return redeployed(app, history_id, gitops_sha, f"{IMAGE_REPO}:{image_sha}", minute)
-
-
-def baselined(world: World, gitops: int, *run_args: str, images: int | None = None) -> tuple[list[str], list[str], Any]:
-    """``gitops`` GitOps commits and ``images`` (default: as many) image commits on GitHub, and the app
-    deployed at the first of each, recorded by a first (baseline) run."""
-    gitops_shas = world.github.add_commits("acme/gitops", gitops)
-    image_shas = world.github.add_commits("acme/payments-api", images or gitops)
-    app = deployed_app(world, gitops_shas[0], image_shas[0])
-    world.set_apps([app])
-    assert world.run(*run_args) == 0
-    return gitops_shas, image_shas, app
 
 
 def test_baseline_then_exactly_one_deployment_then_nothing(

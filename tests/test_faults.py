@@ -5,11 +5,6 @@ Clients never really wait here: ``never_wait`` gives every client built by the C
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +12,6 @@ from typing import Any
 import pytest
 import redis
 import requests
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from reconciler import argocd
 from reconciler.cli import main
@@ -28,16 +21,11 @@ from reconciler.store import RedisStore, SQLiteStore, StoreUnavailable, open_sto
 from tests.factories import fake_uid, redeployed, settled_app
 from tests.fakes.hardening import never_wait
 from tests.fakes.kube_api import FakeKubeAPI
+from tests.fakes.server import free_port
+from tests.redis_server import RedisServer
 from tests.world import IMAGE_REPO, KUBE_TOKEN, World, log_lines
 
 PAYMENTS = AppKey("prod-east", "argocd", "payments-api")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Deploys:
@@ -145,58 +133,20 @@ def test_store_lost_after_the_post_stops_the_tick_cleanly_and_the_next_run_recov
         assert world.devlake.post_count == 2
 
 
-class OwnRedis:
-    """A redis-server of one test alone (append-only file, fsync always) that can be killed and restarted."""
-
-    def __init__(self, binary: str, directory: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory)]
-        self._command += ["--appendonly", "yes", "--appendfsync", "always"]
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-        try:
-            for _ in range(500):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    try:
-                        self._process.wait(timeout=0.01)  # the poll interval, and notices an early exit
-                    except subprocess.TimeoutExpired:
-                        continue
-                    break
-            pytest.fail("redis-server did not start")
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the clients."""
-        if self._process is not None and self._process.poll() is None:
-            os.kill(self._process.pid, signal.SIGKILL)
-            self._process.wait()
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH")
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone (append-only file, fsync always) that can be killed and restarted."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = OwnRedis(binary, directory)
-    server.start()
+    server = RedisServer(directory, append_only=True)
     try:
-        yield server
+        yield server.start()
     finally:
         server.kill()
 
 
 def test_redis_killed_during_delivery_stops_the_tick_without_a_traceback_and_the_next_run_recovers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_redis: OwnRedis
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_redis: RedisServer
 ) -> None:
     never_wait(monkeypatch)
     url, server = own_redis.url, own_redis

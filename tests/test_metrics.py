@@ -7,7 +7,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from reconciler.metrics import OptionalGauge, PrometheusMetrics, grouping_key, p
 from reconciler.runtime import Runtime
 from reconciler.scheduler import Service
 from reconciler.store import open_store
-from tests.test_end_to_end import deployed_app, new_deployment
+from tests.fakes.server import FakeServer
+from tests.scenarios import deployed_app, new_deployment
 from tests.world import World, log_lines
 
 JOB_PATH = "/metrics/job/dora-reconciler"
@@ -37,13 +38,18 @@ class Push:
         return parse_samples(self.body)
 
 
-class FakePushgateway:
+class FakePushgateway(FakeServer):
     """Records every push (method, path, body) and answers ``status``."""
 
+    thread_name = "fake-pushgateway"
+
     def __init__(self, status: int = 200) -> None:
+        super().__init__()
         self.status = status
         self.pushes: list[Push] = []
         self._lock = threading.Lock()
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,18 +67,7 @@ class FakePushgateway:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakePushgateway:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return Handler
 
 
 def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,7 +15,7 @@ from reconciler.logs import configure_logging
 from reconciler.reconcile import PROGRESS_EVERY_SECONDS, Reconciler
 from reconciler.run import RunOptions, RunSummary
 from reconciler.runtime import ProgressReporter, Runtime, progress_reporter
-from tests.test_end_to_end import deployed_app, new_deployment
+from tests.scenarios import deployed_app, new_deployment
 from tests.world import World, log_lines
 
 NAMES = ["alpha-api", "bravo-api", "charlie-api", "delta-api", "echo-api"]

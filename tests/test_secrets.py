@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from reconciler.store import RedisStore, StoreUnavailable, open_store
 from tests.factories import at, redeployed, settled_app
 from tests.fakes.github import InMemoryCache
 from tests.fakes.hardening import never_wait, no_sleep
+from tests.fakes.server import free_port as closed_port
 from tests.fakes.tls import SelfSignedServer
 from tests.world import DEVLAKE_KEYS, GITHUB_TOKEN, IMAGE_REPO, KUBE_TOKEN, World
 
@@ -39,13 +39,6 @@ SECRETS = (
     WRONG_GITHUB_TOKEN,
     WRONG_DEVLAKE_KEY,
 )
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def assert_no_secret(text: str, where: str) -> None:

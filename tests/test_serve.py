@@ -29,7 +29,7 @@ from reconciler.runtime import Runtime
 from reconciler.scheduler import Service
 from reconciler.store import open_store
 from tests.fakes.kube_api import FakeKubeAPI
-from tests.test_end_to_end import deployed_app, new_deployment
+from tests.scenarios import deployed_app, new_deployment
 from tests.world import KUBE_TOKEN, World, log_lines
 
 WAIT = 30.0

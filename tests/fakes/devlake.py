@@ -22,9 +22,10 @@ import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fakes.server import FakeServer
 
 ENVIRONMENTS = ("PRODUCTION", "STAGING", "TESTING", "DEVELOPMENT")
 DEVLAKE_TIME = re.compile(
@@ -75,47 +76,23 @@ class _State:
     delay: float = 0.0
 
 
-class FakeDevLake:
-    """ThreadingHTTPServer on 127.0.0.1 (free port) in a daemon thread; a context manager."""
+class FakeDevLake(FakeServer):
+    """The fake DevLake's HTTP server; a context manager."""
+
+    thread_name = "fake-devlake"
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._state = _State()
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-devlake", daemon=True
-        )
-        self._started = False
+        self._bound()
 
-    # -- lifecycle ---------------------------------------------------------------------------------
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> FakeDevLake:
-        if not self._started:
-            self._thread.start()
-            self._started = True
-        return self
-
-    def close(self) -> None:
+    def stopping(self) -> None:
         self._closing.set()
-        if self._started:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> FakeDevLake:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
 
     # -- controls ----------------------------------------------------------------------------------
 

@@ -17,13 +17,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+
+from tests.fakes.server import FakeServer
 
 API_PREFIX = "/apis/argoproj.io/v1alpha1"
 MAX_OPEN_LISTS = 256
@@ -61,10 +62,13 @@ class _OpenList:
     resource_version: str
 
 
-class FakeKubeAPI:
+class FakeKubeAPI(FakeServer):
     """``with FakeKubeAPI() as api: api.set_apps([...]); api.write_kubeconfig(tmp_path / "kubeconfig")``."""
 
+    thread_name = "fake-kube-api"
+
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._items: list[_Item] = []
         self._resource_version = 1
@@ -80,55 +84,26 @@ class FakeKubeAPI:
         self._requests: list[RecordedRequest] = []
         self._list_calls = 0
         self._connections: set[socket.socket] = set()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> FakeKubeAPI:
-        if self._server is not None:
-            return self
-        self._released.clear()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-kube-api", daemon=True
-        )
-        self._thread.start()
-        return self
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
-    def stop(self) -> None:
-        """Stop listening and cut every open connection, so clients see the server as down."""
-        server, self._server = self._server, None
-        if server is None:
-            return
+    def start(self) -> Self:
+        self._released.clear()
+        return super().start()
+
+    def stopping(self) -> None:
         self._released.set()
-        server.shutdown()
-        server.server_close()
+
+    def stopped(self) -> None:
+        """Cut every open connection, so clients see the server as down."""
         with self._lock:
             connections, self._connections = set(self._connections), set()
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FakeKubeAPI:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the fake API server is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     # -- controls --------------------------------------------------------------------------------
 

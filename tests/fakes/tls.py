@@ -11,16 +11,16 @@ import datetime as dt
 import ipaddress
 import json
 import ssl
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.fakes.server import FakeServer
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -47,36 +47,24 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-class SelfSignedServer:
+class SelfSignedServer(FakeServer):
     """``with SelfSignedServer(tmp_path) as server: server.url``; ``server.paths`` lists what was asked."""
 
+    thread_name = "tls-server"
+    scheme = "https"
+
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         cert, key = self_signed_certificate(directory)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert, key)
         self.paths: list[str] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="tls-server", daemon=True
-        )
 
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"https://{host!s}:{port}"
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler(self)
 
-    def __enter__(self) -> SelfSignedServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+    def prepare(self, server: ThreadingHTTPServer) -> None:
+        server.socket = self._context.wrap_socket(server.socket, server_side=True)
 
 
 def _handler(server: SelfSignedServer) -> type[BaseHTTPRequestHandler]:
