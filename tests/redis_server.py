@@ -15,14 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.fakes.server import free_port
+from tests.fakes.server import Running, free_port
 
 START_DEADLINE_SECONDS = 10.0
 
@@ -31,7 +30,7 @@ class RedisStartError(RuntimeError):
     """``redis-server`` is missing or did not answer PING; the message carries its log."""
 
 
-class RedisServer:
+class RedisServer(Running):
     def __init__(self, directory: Path, *, append_only: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -92,14 +91,6 @@ class RedisServer:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 @contextmanager

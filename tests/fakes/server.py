@@ -11,7 +11,25 @@ from types import TracebackType
 from typing import Self
 
 
-class FakeServer:
+class Running:
+    """Something ``with`` starts and stops: a fake server, a ``redis-server``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class FakeServer(Running):
     thread_name = "fake-server"
     scheme = "http"
 
@@ -68,14 +86,6 @@ class FakeServer:
             thread.join(timeout=5)
 
     def close(self) -> None:
-        self.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
         self.stop()
 
 
