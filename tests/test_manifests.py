@@ -328,13 +328,28 @@ def test_schema_check_catches_a_misspelt_field() -> None:
 # -- RBAC --------------------------------------------------------------------------------------------------------
 
 
-def test_cluster_role_grants_only_read_access_to_applications() -> None:
+def test_cluster_role_grants_only_listing_applications() -> None:
     role = load_one(CRONJOB / "base" / "clusterrole.yaml")
     assert role["kind"] == "ClusterRole"
     assert "aggregationRule" not in role
-    assert role["rules"] == [
-        {"apiGroups": ["argoproj.io"], "resources": ["applications"], "verbs": ["get", "list", "watch"]}
-    ]
+    assert role["rules"] == [{"apiGroups": ["argoproj.io"], "resources": ["applications"], "verbs": ["list"]}]
+
+
+def kubernetes_verbs_the_code_uses() -> set[str]:
+    """The verbs of every custom-object call (``api.list_cluster_custom_object(...)``) and watch in reconciler/."""
+    verbs: set[str] = set()
+    for path in (ROOT / "reconciler").rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        verbs.update(re.findall(r"\.(\w+?)_(?:cluster_|namespaced_)?custom_object\w*\(", source))
+        if re.search(r"\bWatch\(", source):
+            verbs.add("watch")
+    return verbs
+
+
+def test_the_cluster_role_grants_exactly_the_verbs_the_code_uses() -> None:
+    assert kubernetes_verbs_the_code_uses() == {"list"}, "a new Kubernetes call needs its verb in clusterrole.yaml"
+    (rule,) = load_one(CRONJOB / "base" / "clusterrole.yaml")["rules"]
+    assert set(rule["verbs"]) == kubernetes_verbs_the_code_uses()
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
