@@ -16,9 +16,11 @@ import re
 import shlex
 import subprocess
 import tempfile
+import threading
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +37,9 @@ from reconciler.config import Config, load_config, validate_config
 ROOT = Path(__file__).resolve().parent.parent
 CRONJOB = ROOT / "cronjob"
 OVERLAYS = {"staging": "STAGING", "production": "PRODUCTION"}
-HAND_APPLIED = {"jobs/catch-up.yaml", "overlays/staging/secret.example.yaml", "overlays/production/secret.example.yaml"}
+HAND_APPLIED = {"overlays/staging/secret.example.yaml", "overlays/production/secret.example.yaml"}
+CATCH_UP_PATCH = CRONJOB / "jobs" / "catch-up-patch.yaml"
+"""A JSON patch (a list of operations, not a manifest) applied to a Job made from the installed CronJob."""
 EXPECTED_API_VERSIONS = {
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
@@ -78,7 +82,8 @@ def load_one(path: Path) -> Obj:
 
 
 def yaml_files() -> list[Path]:
-    return sorted(CRONJOB.rglob("*.yaml")) + sorted(CRONJOB.rglob("*.yml"))
+    """Every manifest, kustomization and config file under cronjob/ (the catch-up JSON patch is none of those)."""
+    return [p for p in sorted(CRONJOB.rglob("*.yaml")) + sorted(CRONJOB.rglob("*.yml")) if p != CATCH_UP_PATCH]
 
 
 def relative(path: Path) -> str:
@@ -242,8 +247,124 @@ def cronjob(build_name: str) -> Obj:
     return find(build(build_name), "CronJob", "dora-reconciler")
 
 
-def catch_up_job() -> Obj:
-    return load_one(CRONJOB / "jobs" / "catch-up.yaml")
+class CronJobAPI:
+    """Just enough of a Kubernetes API server for ``kubectl create job --from=cronjob/NAME``: discovery and a
+    GET of one CronJob."""
+
+    def __init__(self, cron_job: Obj) -> None:
+        cron_job = {**cron_job, "metadata": {**cron_job["metadata"], "uid": "0b4b0d5e-cafe-4a11-9c0d-000000000001"}}
+        meta = cron_job["metadata"]
+        resources = [
+            {"name": "cronjobs", "singularName": "cronjob", "namespaced": True, "kind": "CronJob", "verbs": ["get"]},
+            {"name": "jobs", "singularName": "job", "namespaced": True, "kind": "Job", "verbs": ["create"]},
+        ]
+        group_version = {"groupVersion": "batch/v1", "version": "v1"}
+        self.routes: dict[str, Obj] = {
+            "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+            "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": []},
+            "/apis": {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [{"name": "batch", "versions": [group_version], "preferredVersion": group_version}],
+            },
+            "/apis/batch/v1": {"kind": "APIResourceList", "groupVersion": "batch/v1", "resources": resources},
+            f"/apis/batch/v1/namespaces/{meta['namespace']}/cronjobs/{meta['name']}": cron_job,
+        }
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        routes = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = routes.get(urlsplit(self.path).path)
+                body = json.dumps(found or {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> CronJobAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        host, port = self.server.server_address[:2]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://{host!s}:{port}"}}],
+            "users": [{"name": "fake", "user": {}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "current-context": "fake",
+        }
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+
+def documented_catch_up_command() -> str:
+    """Step 3 of the instructions in catch-up-patch.yaml, as an operator pastes it: the ``create job`` pipeline."""
+    lines = [line.removeprefix("#").strip() for line in CATCH_UP_PATCH.read_text(encoding="utf-8").splitlines()]
+    start = next(i for i, line in enumerate(lines) if " create job " in line and line.endswith("\\"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
+    return "\n".join(lines[start : end + 1])
+
+
+@functools.cache
+def _catch_up_job(build_name: str) -> Obj:
+    command = documented_catch_up_command()
+    written = re.search(r">\s*(\S+)\s*$", command)
+    assert written, f"the documented command writes the Job to a file to read first: {command}"
+    with tempfile.TemporaryDirectory() as scratch, CronJobAPI(cronjob(build_name)) as api:
+        root = Path(scratch)
+        (root / "cronjob").symlink_to(CRONJOB, target_is_directory=True)  # the command runs from the repo root
+        environment = {
+            **os.environ,
+            "KUBECONFIG": str(api.write_kubeconfig(root / "kubeconfig")),
+            "KUBECACHEDIR": str(root / "cache"),
+            "HOME": str(root),
+            "PATH": f"{Path(kubectl()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        result = subprocess.run(
+            ["bash", "-c", f"set -euo pipefail\n{command}"],
+            cwd=root,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        return load_one(root / written.group(1))
+
+
+def catch_up_job(build_name: str) -> Obj:
+    """The catch-up Job as the documented ``kubectl create job --from=cronjob/...`` pipeline makes it from the
+    CronJob of ``build_name``."""
+    return copy.deepcopy(_catch_up_job(build_name))
+
+
+def without_zero_values(value: Any) -> Any:
+    """``value`` without the empty strings, nulls and empty mappings that kubectl's typed round trip writes for
+    unset fields (``status: ""`` in a pod condition, ``creationTimestamp: null``)."""
+    if isinstance(value, dict):
+        pruned = {k: without_zero_values(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ("", None, {})}
+    if isinstance(value, list):
+        return [without_zero_values(item) for item in value]
+    return value
 
 
 def env_by_name(container: Obj) -> dict[str, Obj]:
@@ -352,7 +473,7 @@ def test_every_object_and_patch_matches_the_kubernetes_schema() -> None:
             assert not problems, f"{relative(path)} ({doc['kind']}): {problems}"
             checked += 1
     for build_name in BUILDS:
-        for obj in build(build_name):
+        for obj in [*build(build_name), without_zero_values(catch_up_job(build_name))]:
             assert not _schema_problems(obj, partial=False), f"{build_name}: {obj['kind']}"
             checked += 1
     assert checked > 40
@@ -581,6 +702,51 @@ def test_every_secret_env_var_the_config_names_comes_from_a_secret(build_name: s
     assert set(from_secrets) - needed - referenced == set(), "the CronJob sets secret env vars nothing uses"
 
 
+def env_vars_named_by(config: pydantic.BaseModel) -> set[str]:
+    """Every environment variable the config names: the value of each ``*_env`` key, at any depth."""
+    names: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, pydantic.BaseModel):
+            for field, item in value:
+                if field.endswith("_env") and isinstance(item, str):
+                    names.add(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return names
+
+
+def test_env_vars_named_by_finds_every_secret_the_config_names() -> None:
+    data = overlay_config_data("production")
+    data["github"] |= {"app_id": 1, "app_installation_id": 2, "app_private_key_env": "GITHUB_APP_KEY"}
+    config = validate_config(data)
+    assert env_vars_named_by(config) == {"GITHUB_TOKEN", "GITHUB_APP_KEY", "DEVLAKE_KEY_GLOBAL", "DEVLAKE_KEY_PAYMENTS"}
+
+
+def reconciler_pods(build_name: str) -> dict[str, Obj]:
+    """Every pod spec of an install that runs the reconciler: the scheduled one and the catch-up Job's."""
+    return {
+        "CronJob": cronjob(build_name)["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        "catch-up Job": catch_up_job(build_name)["spec"]["template"]["spec"],
+    }
+
+
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_every_env_var_the_config_names_is_set_in_every_reconciler_pod(build_name: str, tmp_path: Path) -> None:
+    objs = build(build_name)
+    for what, pod in reconciler_pods(build_name).items():
+        config = effective_config(objs, pod, tmp_path)
+        named = env_vars_named_by(config)
+        assert {c.api_key_env for c in config.devlake.connections} <= named
+        missing = named - set(container_environment(reconciler_container(pod)))
+        assert not missing, f"{build_name}: the {what} does not set {sorted(missing)}, which the config names"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_secret_example_documents_every_key_with_placeholders(overlay: str) -> None:
     example = load_docs(CRONJOB / "overlays" / overlay / "secret.example.yaml")
@@ -736,50 +902,63 @@ def test_only_the_reconciler_pods_may_reach_redis(build_name: str) -> None:
     assert set(source) == {"podSelector"}, "no namespace-wide or IP-based sources"
     reconciler_labels = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
     assert allowed.items() <= reconciler_labels.items()
-    assert allowed.items() <= catch_up_job()["spec"]["template"]["metadata"]["labels"].items()
+    assert allowed.items() <= catch_up_job(build_name)["spec"]["template"]["metadata"]["labels"].items()
     assert not allowed.items() <= redis_labels.items()
 
 
 # -- the catch-up Job ----------------------------------------------------------------------------------------------
 
 
-def test_catch_up_job_mirrors_the_cronjob_pod() -> None:
-    job = catch_up_job()
-    assert "name" not in job["metadata"] and job["metadata"]["generateName"].endswith("-")
-    assert "namespace" not in job["metadata"], "the operator picks the namespace with -n"
-    spec = job["spec"]
-    scheduled = cronjob("production")["spec"]["jobTemplate"]["spec"]
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_the_catch_up_job_is_the_cronjob_pod_running_backfill(build_name: str) -> None:
+    job = catch_up_job(build_name)
+    cron = cronjob(build_name)
+    assert job["metadata"]["name"].startswith("dora-reconciler-catch-up-"), "a new name each time it is generated"
+    assert job["metadata"]["namespace"] == cron["metadata"]["namespace"]
+    (owner,) = job["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"]) == ("CronJob", cron["metadata"]["name"]), "deleted with the CronJob"
+    spec = without_zero_values(job["spec"])
+    scheduled = without_zero_values(cron["spec"]["jobTemplate"]["spec"])
     assert spec["activeDeadlineSeconds"] >= scheduled["activeDeadlineSeconds"]
     assert spec["ttlSecondsAfterFinished"] > 0
+    for key in (set(spec) | set(scheduled)) - {"activeDeadlineSeconds", "ttlSecondsAfterFinished", "template"}:
+        assert spec.get(key) == scheduled.get(key), f"{key}: the Job must run like the CronJob's (shards included)"
     pod = spec["template"]["spec"]
-    base = cronjob("production")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    base = scheduled["template"]["spec"]
     assert_hardened(pod, "catch-up")
-    for key in ("serviceAccountName", "automountServiceAccountToken", "restartPolicy", "securityContext", "volumes"):
-        assert pod[key] == base[key], key
+    assert {k: v for k, v in pod.items() if k != "containers"} == {k: v for k, v in base.items() if k != "containers"}
     container = reconciler_container(pod)
-    base_container = reconciler_container(cronjob("staging")["spec"]["jobTemplate"]["spec"]["template"]["spec"])
-    for key in ("securityContext", "volumeMounts", "resources", "imagePullPolicy"):
-        assert container[key] == base_container[key], key
-    assert secret_env(container).items() >= load_base_secret_env().items()
+    base_container = reconciler_container(base)
+    assert {k: v for k, v in container.items() if k != "args"} == {
+        k: v for k, v in base_container.items() if k != "args"
+    }, "image, env (every Secret), mounts, resources and security context are the CronJob's"
     assert_pinned(container["image"], "catch-up")
     args = container["args"]
-    assert args[0] in ("run", "backfill")
+    assert args[0] == "backfill"
+    assert args[1 : len(base_container["args"])] == base_container["args"][1:], "--config (and --shard) kept"
     assert arg_value(args, "--config") == dockerfile_default_config()
     if "--since" in args:
         since = datetime.fromisoformat(arg_value(args, "--since"))
         assert since.tzinfo is not None, "--since must carry its offset"
+    component = "app.kubernetes.io/component"
+    assert spec["template"]["metadata"]["labels"][component] == job["metadata"]["labels"][component] == "catch-up"
 
 
-def load_base_secret_env() -> dict[str, tuple[str, str]]:
-    base = load_one(CRONJOB / "base" / "cronjob.yaml")
-    return secret_env(reconciler_container(base["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
-
-
-def test_catch_up_mounts_a_config_map_every_overlay_creates() -> None:
-    volumes = catch_up_job()["spec"]["template"]["spec"]["volumes"]
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_catch_up_mounts_a_config_map_its_overlay_creates(build_name: str) -> None:
+    volumes = catch_up_job(build_name)["spec"]["template"]["spec"]["volumes"]
     names = {v["configMap"]["name"] for v in volumes if "configMap" in v}
-    for overlay in OVERLAYS:
-        assert names <= {o["metadata"]["name"] for o in build(overlay) if o["kind"] == "ConfigMap"}
+    assert names, "the catch-up Job reads the overlay's config"
+    assert names <= {o["metadata"]["name"] for o in build(build_name) if o["kind"] == "ConfigMap"}
+
+
+def test_the_catch_up_patch_only_adds_what_a_backfill_needs() -> None:
+    operations = yaml.safe_load(CATCH_UP_PATCH.read_text(encoding="utf-8"))
+    assert isinstance(operations, list) and operations, "a JSON patch: a list of operations"
+    for operation in operations:
+        assert operation["op"] in ("test", "add", "replace"), operation
+        assert operation["path"].startswith(("/spec/", "/metadata/labels/")), operation
+        assert "/env" not in operation["path"] and "/image" not in operation["path"], "those come from the CronJob"
 
 
 # -- Dockerfile ------------------------------------------------------------------------------------------------------
