@@ -1,8 +1,8 @@
 """DevLake webhook deployments: the POST body, routing to connections, and delivery with retries.
 
-The body follows ``reference/devlake.md`` §1 and the sender profile of §6: full lowercase SHAs, one canonical
-``repoUrl`` per repository, UTC ``Z`` dates, an explicit ``environment``, and ``result`` on the deployment *and*
-on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the top level says).
+The body is DevLake's webhook deployment body (``docs/design.md`` §5) in a strict profile: full lowercase SHAs,
+one canonical ``repoUrl`` per repository, UTC ``Z`` dates, an explicit ``environment``, and ``result`` on the
+deployment *and* on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the top level says).
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def build_payload(
     destination: str,
     source_paths: list[str],
 ) -> dict[str, Any]:
-    """The webhook body for one deployment (DESIGN §5). Raises ``PayloadError`` when there is no commit to send."""
+    """The webhook body for one deployment (``docs/design.md`` §5).
+
+    Raises ``PayloadError`` when there is no commit to send."""
     deployment = enriched.deployment
     key = deployment.key
     head_mode = config.devlake.commits == "head"

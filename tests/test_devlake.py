@@ -124,7 +124,7 @@ CANONICAL_REPO = re.compile(r"^https://[a-z0-9.-]+/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-
 
 
 def assert_sender_profile(payload: dict[str, Any]) -> None:
-    """The JSON schema of reference/devlake.md §6 plus the stricter sender profile under it."""
+    """What DevLake validates (required keys, dates, environment) plus the stricter sender profile under it."""
     for field in ("id", "startedDate", "finishedDate", "deploymentCommits"):
         assert field in payload, field
     assert isinstance(payload["id"], str) and 1 <= len(payload["id"]) <= 150

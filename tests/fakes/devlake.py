@@ -1,8 +1,8 @@
 """A fake Apache DevLake webhook that checks keys and bodies the way DevLake v1.0.x does.
 
-Behaviour follows ``reference/devlake.md``: the API-key middleware of §2 (401/403), the decode step of §1.4-1.5
-(case-insensitive keys, weak typing, the date layouts; decode errors come back as a bare JSON string), the
-validator of §1.2-1.3 and §1.7 (400 envelopes), 500 on malformed JSON, and the upsert storage of §1.6: deployments
+Behaviour follows DevLake's webhook plugin (``backend/plugins/webhook``) and REST API-key middleware: 401/403 for a
+missing or wrong key, the decode step (case-insensitive keys, weak typing, the date layouts; decode errors come back as
+a bare JSON string), the validator (400 envelopes), 500 on malformed JSON, and the upsert storage: deployments
 by ``id`` per connection, commit rows keyed by (row id, commit SHA), where a re-POST with another SHA *adds* a row.
 A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does.
 
@@ -31,7 +31,7 @@ DEVLAKE_TIME = re.compile(
     r"^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}(?:(?:[.,]\d{1,9})?Z|(?:[.,](?:\d{1,3}|\d{6}))?[+-]\d{2}:\d{2}"
     r"|(?:[.,]\d{1,9})?[+-]\d{4})| \d{2}:\d{2}(?::\d{2})?)?$"
 )
-"""The date pattern of the reference's JSON schema (§6), which agrees with DevLake's parser on every probed case."""
+"""The date strings DevLake's parser accepts: ``T`` with ``Z`` or an offset, the space form and a bare date."""
 
 _ROUTE = re.compile(r"^/plugins/webhook/connections/([^/]+)/deployments$")
 _TOP_STRINGS = ("id", "environment", "originalEnvironment", "result", "displayTitle", "name")

@@ -1,12 +1,11 @@
 """A stateful fake of the GitHub REST API for ``responses``, plus an in-memory ``CommitCache``.
 
-``FakeGitHub`` serves what the reconciler uses, with the JSON shapes and status codes GitHub really returns
-(see ``reference/libs.md`` §1-2): ``GET /repos/{o}/{r}/commits/{ref}`` (422 "No commit found for SHA" for an
-unknown SHA, short SHAs resolved by unique prefix), ``GET /repos/{o}/{r}/compare/{base}...{head}`` (computed
-from the commit graph: ahead / behind / identical / diverged; paginated with ``Link`` headers, 250 commits
-without paging), ``GET /search/commits?q=hash:SHA``, ``GET /rate_limit`` and
-``POST /app/installations/{id}/access_tokens``. It keeps rate-limit headers, can exhaust the rate limit,
-fail the next requests, and logs every request.
+``FakeGitHub`` serves what the reconciler uses, with the JSON shapes and status codes GitHub really returns:
+``GET /repos/{o}/{r}/commits/{ref}`` (422 "No commit found for SHA" for an unknown SHA, short SHAs resolved by
+unique prefix), ``GET /repos/{o}/{r}/compare/{base}...{head}`` (computed from the commit graph: ahead / behind /
+identical / diverged; paginated with ``Link`` headers, 250 commits without paging),
+``GET /search/commits?q=hash:SHA``, ``GET /rate_limit`` and ``POST /app/installations/{id}/access_tokens``. It
+keeps rate-limit headers, can exhaust the rate limit, fail the next requests, and logs every request.
 
 PyGithub puts an explicit ``:443`` in its URLs, so every route is a regex that accepts an optional port.
 
