@@ -123,6 +123,8 @@ class RunSummary:
     deployments_pending: int = 0
     deployments_skipped: int = 0
     deployments_deferred: int = 0
+    deployments_held_unreadable: int = 0
+    """Of the deferred: held back because GitHub cannot read a repository they need (named in ``errors``)."""
     deployments_deduplicated: int = 0
     sent: int = 0
     retry_later: int = 0
@@ -216,6 +218,7 @@ class _AppResult:
     failed: int = 0
     skipped: int = 0
     deferred: int = 0
+    held_unreadable: int = 0
     deduplicated: int = 0
     sent: int = 0
     retry_later: int = 0
@@ -252,7 +255,7 @@ class Reconciler:
         self.store = store
         self.github = github
         self.devlake = devlake
-        self.enricher = Enricher(config, github)
+        self.enricher = Enricher(config, github, clock=clock)
         self.mapper = RepositoryMapper(config.images)
         self.router = Router(config.devlake)
         self.lister_factory = lister_factory
@@ -347,6 +350,7 @@ class Reconciler:
             if self._lock_lost():
                 summary.errors.append("the run lock was lost: stopped sending, the rest is left to the next run")
         summary.github_requests = self.github.requests
+        summary.errors.extend(self.github.tick_problems())
         summary.rate_limit_remaining = self.github.rate_limit_remaining
         reset = self.github.rate_limit_reset
         summary.rate_limit_reset = format_time(reset) if reset else None
@@ -516,6 +520,7 @@ class Reconciler:
             summary.deployments_failed += result.failed
             summary.deployments_skipped += result.skipped
             summary.deployments_deferred += result.deferred
+            summary.deployments_held_unreadable += result.held_unreadable
             summary.deployments_deduplicated += result.deduplicated
             summary.sent += result.sent
             summary.retry_later += result.retry_later
@@ -650,7 +655,10 @@ class Reconciler:
                 return result
             if isinstance(outcome, Deferred):
                 result.deferred += total - index
-                log.warning(
+                if outcome.unreadable is not None:
+                    result.held_unreadable += total - index
+                log.log(
+                    logging.INFO if outcome.reported else logging.WARNING,
                     "deployment deferred to the next run",
                     extra={"app": str(key), "deployment_id": deployment.id, "reason": outcome.reason},
                 )
