@@ -4,7 +4,12 @@ Behaviour follows DevLake's webhook plugin (``backend/plugins/webhook``) and RES
 missing or wrong key, the decode step (case-insensitive keys, weak typing, the date layouts; decode errors come back as
 a bare JSON string), the validator (400 envelopes), 500 on malformed JSON, and the upsert storage: deployments
 by ``id`` per connection, commit rows keyed by (row id, commit SHA), where a re-POST with another SHA *adds* a row.
-A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does.
+A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does. Every answer
+is DevLake's envelope (``shared.ApiOutputSuccess``/``ApiOutputError``): a stored deployment is
+``200 {"code":0,"success":true,"message":"success","causes":null,"data":null}``.
+
+``sso_redirect()`` puts a single-sign-on proxy in front of it, as a misconfigured ingress does: every API request is
+redirected (302) to a login page that answers ``GET`` with ``200`` and HTML.
 
 Usage::
 
@@ -25,6 +30,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 ENVIRONMENTS = ("PRODUCTION", "STAGING", "TESTING", "DEVELOPMENT")
 DEVLAKE_TIME = re.compile(
@@ -40,6 +46,7 @@ _COMMIT_STRINGS = ("repoUrl", "commitSha", "result", "status", "refName", "commi
 _COMMIT_TIMES = ("startedDate", "finishedDate", "createdDate")
 _STRUCT = "WebhookDeploymentReq"
 _NOT_FOUND = b"404 page not found"
+_LOGIN_PAGE = b"<!DOCTYPE html><html><body><h1>Sign in</h1><form method='post'></form></body></html>"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class RecordedRequest:
 class _Failure:
     status: int
     retry_after: float | str | None = None
+    body: Any = None
+    """The answer's body; ``None``: DevLake's failure envelope."""
 
 
 @dataclass
@@ -73,6 +82,8 @@ class _State:
     fail_next: list[_Failure] = field(default_factory=list)
     fail_always: _Failure | None = None
     delay: float = 0.0
+    sso_login: str | None = None
+    """The login page every API request is redirected to, when an SSO proxy is in front."""
 
 
 class FakeDevLake:
@@ -137,15 +148,22 @@ class FakeDevLake:
         with self._lock:
             self._state.keys[key] = allowed_path
 
-    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None) -> None:
-        """Answer the next ``n`` requests with ``status`` (and ``Retry-After`` when given) before any other check."""
+    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None, body: Any = None) -> None:
+        """Answer the next ``n`` requests with ``status`` (and ``Retry-After`` when given) before any other check;
+        the body is ``body`` (JSON, or ``bytes`` as they are) or else DevLake's failure envelope."""
         with self._lock:
-            self._state.fail_next.extend(_Failure(status, retry_after) for _ in range(n))
+            self._state.fail_next.extend(_Failure(status, retry_after, body) for _ in range(n))
 
-    def fail_always(self, status: int | None, retry_after: float | str | None = None) -> None:
-        """Answer every request with ``status``; ``None`` stops it."""
+    def fail_always(self, status: int | None, retry_after: float | str | None = None, body: Any = None) -> None:
+        """Answer every request with ``status`` (and ``body``, as ``fail_next``); ``None`` stops it."""
         with self._lock:
-            self._state.fail_always = None if status is None else _Failure(status, retry_after)
+            self._state.fail_always = None if status is None else _Failure(status, retry_after, body)
+
+    def sso_redirect(self, login_path: str | None = "/oauth2/start") -> None:
+        """Redirect every API request (302) to ``login_path`` with the original URL in ``?rd=``, and answer ``GET``
+        on it with a 200 HTML login page, as an SSO proxy does; ``None`` takes the proxy away."""
+        with self._lock:
+            self._state.sso_login = login_path
 
     def delay(self, seconds: float) -> None:
         """Server-side latency before every answer (pair it with a short client timeout)."""
@@ -207,7 +225,14 @@ class FakeDevLake:
             failure = self._state.fail_next.pop(0) if self._state.fail_next else self._state.fail_always
         if failure is not None:
             extra = {} if failure.retry_after is None else {"Retry-After": _header_value(failure.retry_after)}
-            return failure.status, _envelope(f"fake failure {failure.status}"), extra
+            body = _envelope(f"fake failure {failure.status}") if failure.body is None else failure.body
+            return failure.status, body, extra
+        with self._lock:
+            login = self._state.sso_login
+        if login is not None:
+            if path.split("?", 1)[0] == login:
+                return 200, _LOGIN_PAGE, {"Content-Type": "text/html; charset=utf-8"}
+            return 302, b"", {"Location": f"{self.url}{login}?rd={quote(path, safe='')}"}
         if not path.startswith("/api/rest/"):
             return 404, _NOT_FOUND, {}
         inner = path.removeprefix("/api/rest")
@@ -491,9 +516,10 @@ def _handler_for(fake: FakeDevLake) -> type[BaseHTTPRequestHandler]:
             status, answer, extra = fake._handle(method, self.path, dict(self.headers.items()), raw)
             plain = isinstance(answer, bytes)
             payload = answer if plain else json.dumps(answer).encode()
+            content_type = extra.pop("Content-Type", "text/plain" if plain else "application/json; charset=utf-8")
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if plain else "application/json; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 for name, value in extra.items():
                     self.send_header(name, value)
