@@ -347,6 +347,11 @@ class Reconciler:
                     summary.errors.append(f"state store unavailable: {error}")
                     log.error("state store unavailable; stopping the tick", extra={"reason": str(error)})
                     break
+                except Exception as error:
+                    # A bug or an unforeseen failure in one cluster holds back what is left of that cluster only.
+                    reason = f"unexpected {type(error).__name__}: {error}"
+                    summary.errors.append(f"cluster {cluster.name}: {reason}")
+                    log.error("cluster failed", exc_info=True, extra={"cluster": cluster.name, "reason": reason})
             if self._lock_lost():
                 summary.errors.append("the run lock was lost: stopped sending, the rest is left to the next run")
         summary.github_requests = self.github.requests
@@ -442,11 +447,17 @@ class Reconciler:
             stored = item.snapshot() if item is not None else None
             try:
                 observation = parse_application(raw, cluster)
-            except MalformedApplication as error:
+            except Exception as error:
+                # Listed but unreadable is not deleted: its snapshot stays until it can be read again.
+                if key is not None:
+                    seen.add(key)
                 summary.apps_malformed += 1
+                unexpected = not isinstance(error, MalformedApplication)
+                reason = f"unexpected {type(error).__name__}: {error}" if unexpected else str(error)
                 log.warning(
                     "skipping malformed application",
-                    extra={"cluster": cluster, "app": _raw_name(raw), "reason": str(error)},
+                    exc_info=unexpected,
+                    extra={"cluster": cluster, "app": _raw_name(raw), "reason": reason},
                 )
                 continue
             if key is None and not self._selected(observation.key, options):
@@ -477,7 +488,12 @@ class Reconciler:
         for observation, stored, digest in changed:
             # The planner never sees (so never carries forward) a settled digest: only a settled plan sets one.
             snapshot = stored.evolve(settled_digest=None) if stored and stored.settled_digest else stored
-            app_plan = plan(observation, snapshot, now, policy)
+            try:
+                app_plan = plan(observation, snapshot, now, policy)
+            except Exception as error:
+                log.exception("could not plan the application; retrying next run", extra={"app": str(observation.key)})
+                summary.errors.append(f"{observation.key}: internal error while planning ({type(error).__name__})")
+                continue
             for note in app_plan.notes:
                 log.info(note, extra={"app": str(observation.key)})
             if app_plan.snapshot.pending is not None:
