@@ -230,7 +230,8 @@ class GitHubConfig(_Section):
 
 class StateConfig(_Section):
     url: str | None = Field(default=None, repr=False)
-    """``redis://``/``rediss://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded SQLite.
+    """``redis://``/``rediss://``/``unix://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded
+    SQLite.
     Left out of the repr: a Redis URL can carry a password."""
     key_prefix: str = Field(default="dora", min_length=1)
 

@@ -243,16 +243,18 @@ class RedisStore:
     def __init__(self, url: str, key_prefix: str, *, retries: int = CONNECTION_RETRIES) -> None:
         self.key_prefix = key_prefix
         self._safe_url, self._secrets = _redact_url(url)
+        # TCP keepalive is a TCP socket option: the unix-socket connection refuses the argument (redis-py 8).
+        tcp: dict[str, Any] = {} if url.startswith("unix://") else {"socket_keepalive": True}
         try:
             self.client: redis.Redis = redis.Redis.from_url(
                 url,
                 decode_responses=True,
                 socket_timeout=SOCKET_TIMEOUT_SECONDS,
                 socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_keepalive=True,
                 health_check_interval=30,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries),
                 client_name="dora-reconciler",
+                **tcp,
             )
         except ValueError as error:
             raise StoreUnavailable(f"invalid Redis URL {self._safe_url}: {self._scrub(str(error))}") from None
