@@ -33,7 +33,14 @@ from reconciler.reconcile import (
     iter_observations,
     planner_policy,
 )
-from reconciler.store import LockHeld, Store, StoreUnavailable, open_store
+from reconciler.store import (
+    LockHeld,
+    Store,
+    StoreUnavailable,
+    open_store,
+    state_eviction,
+    warn_if_state_can_be_evicted,
+)
 
 log = logging.getLogger("reconciler")
 
@@ -198,6 +205,7 @@ def run_command(
         except StoreUnavailable as error:
             _store_unavailable_at_start(error)
             return aborted(exitcodes.RETRY)
+        warn_if_state_can_be_evicted(runtime.store)
         reporter = progress or progress_reporter(sys.stderr)
         reconciler = runtime.reconciler(
             dry_run_output=stdout or sys.stdout,
@@ -280,16 +288,28 @@ def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tu
 
 
 def _check_store(config: Config) -> tuple[bool, str]:
+    """Reached, and (Redis) not allowed to evict the state: an ``allkeys-*`` policy under a memory limit fails;
+    one without a limit yet, or a policy Redis will not tell, is a warning on an ``ok`` line."""
     store: Store | None = None
     try:
         store = open_store(config.state)
         store.ping()
+        eviction = state_eviction(store)
     except StoreUnavailable as error:
         return False, f"state store: FAILED ({error})"
     finally:
         if store is not None:
             store.close()
-    return True, f"state store: ok ({_describe_state_url(config.state.url)})"
+    where = _describe_state_url(config.state.url)
+    if eviction is None:
+        return True, f"state store: ok ({where})"
+    if eviction.evicts_state:
+        return False, f"state store: FAILED ({where}: {eviction.problem})"
+    if eviction.problem is not None:
+        return True, f"state store: ok ({where}; WARNING: {eviction.problem})"
+    if eviction.policy is None:
+        return True, f"state store: ok ({where}; WARNING: {eviction.describe()})"
+    return True, f"state store: ok ({where}; {eviction.describe()})"
 
 
 class _NoCache:

@@ -25,7 +25,7 @@ from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
 from reconciler.reconcile import RunOptions, RunSummary
 from reconciler.runtime import Runtime, log_summary, progress_reporter
-from reconciler.store import LockHeld, StoreUnavailable
+from reconciler.store import LockHeld, StoreUnavailable, warn_if_state_can_be_evicted
 
 log = logging.getLogger(__name__)
 
@@ -282,4 +282,5 @@ def serve(config: Config) -> int:
     except StoreUnavailable as error:
         log.error("state store unavailable; cannot serve", extra={"reason": str(error)})
         return exitcodes.RETRY
+    warn_if_state_can_be_evicted(service.runtime.store)
     return service.run()

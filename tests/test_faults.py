@@ -634,3 +634,130 @@ def test_check_still_checks_github_when_the_state_store_is_down(
         assert by_name["state store"].startswith("state store: FAILED (Redis at redis://127.0.0.1:")
         assert by_name["github"].startswith("github: ok (authenticated")
         assert world.github.count("rate_limit") == 1
+
+
+# -- Redis's eviction policy -----------------------------------------------------------------------------
+
+
+def set_eviction(server: OwnRedis, policy: str, maxmemory: str) -> None:
+    client = redis.Redis(port=server.port)
+    try:
+        client.config_set("maxmemory-policy", policy)
+        client.config_set("maxmemory", maxmemory)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "maxmemory", "code", "line"),
+    [
+        (
+            "allkeys-lru",
+            "100mb",
+            2,
+            "FAILED ({url}: maxmemory-policy allkeys-lru with maxmemory 104857600 bytes evicts",
+        ),
+        ("allkeys-random", "0", 0, "ok ({url}; WARNING: maxmemory-policy allkeys-random will evict any key once a"),
+        ("volatile-lru", "100mb", 0, "ok ({url}; maxmemory-policy volatile-lru, maxmemory 104857600 bytes)"),
+        ("noeviction", "100mb", 0, "ok ({url}; maxmemory-policy noeviction, maxmemory 104857600 bytes)"),
+    ],
+    ids=["allkeys-with-limit", "allkeys-without-limit", "volatile", "noeviction"],
+)
+def test_check_fails_when_redis_may_evict_the_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    own_redis: OwnRedis,
+    policy: str,
+    maxmemory: str,
+    code: int,
+    line: str,
+) -> None:
+    """An ``allkeys-*`` policy may evict a snapshot (a silent re-baseline: its deployments are never sent) or a
+    sent marker (a duplicate); ``volatile-*`` evicts keys with a TTL only (the run locks)."""
+    set_eviction(own_redis, policy, maxmemory)
+    with World(tmp_path, own_redis.url, monkeypatch) as world:
+        assert world.run(command="check") == code
+        (state,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("state store:")]
+        assert state.startswith("state store: " + line.format(url=f"redis://127.0.0.1:{own_redis.port}/0")), state
+        if policy.startswith("allkeys-"):
+            assert state.endswith("set maxmemory-policy noeviction)")
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_warn_at_start_when_redis_may_evict_the_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    own_redis: OwnRedis,
+    command: str,
+) -> None:
+    from reconciler import scheduler
+
+    class NoPasses(scheduler.Service):
+        def run(self) -> int:
+            log_lines_seen.append("serving")
+            self.runtime.close()
+            return 0
+
+    log_lines_seen: list[str] = []
+    monkeypatch.setattr(scheduler, "Service", NoPasses)
+    set_eviction(own_redis, "allkeys-lfu", "64mb")
+    with World(tmp_path, own_redis.url, monkeypatch) as world:
+        Deploys(world)
+        capsys.readouterr()
+        assert world.run(command=command) == 0, "a warning, not a failure"
+        lines = log_lines(capsys.readouterr().err)
+        (warning,) = [line for line in lines if line["message"] == "Redis may evict the state"]
+        assert warning["level"] == "warning"
+        assert warning["reason"].startswith("maxmemory-policy allkeys-lfu with maxmemory 67108864 bytes evicts")
+        assert lines.index(warning) == 0, "said at the start, before any work"
+        if command == "serve":
+            assert log_lines_seen == ["serving"]
+
+
+def test_a_redis_that_will_not_tell_its_policy_is_a_warning_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_redis: OwnRedis
+) -> None:
+    """Managed Redis services often refuse CONFIG, sometimes INFO too: the policy is then read where it can be."""
+    admin = redis.Redis(port=own_redis.port)
+    try:
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        admin.config_set("maxmemory", "100mb")
+        admin.acl_setuser(
+            "no-config",
+            enabled=True,
+            passwords=["+pw-no-config"],
+            keys="*",
+            channels="*",
+            commands=["+@all", "-config"],
+        )
+        admin.acl_setuser(
+            "no-info",
+            enabled=True,
+            passwords=["+pw-no-info"],
+            keys="*",
+            channels="*",
+            commands=["+@all", "-config", "-info"],
+        )
+    finally:
+        admin.close()
+
+    url = f"redis://no-config:pw-no-config@127.0.0.1:{own_redis.port}/0"
+    with World(tmp_path / "a", url, monkeypatch) as world:
+        assert world.run(command="check") == 2, "INFO still tells the policy"
+        assert "maxmemory-policy allkeys-lru with maxmemory 104857600 bytes" in capsys.readouterr().out
+
+    url = f"redis://no-info:pw-no-info@127.0.0.1:{own_redis.port}/0"
+    with World(tmp_path / "b", url, monkeypatch) as world:
+        Deploys(world)
+        assert world.run(command="check") == 0
+        (state,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("state store:")]
+        assert state.startswith(f"state store: ok (redis://127.0.0.1:{own_redis.port}/0; WARNING: ")
+        assert "WARNING: maxmemory-policy unknown (INFO refused: " in state and "CONFIG GET refused: " in state
+        assert state.endswith("make sure it is noeviction)") and "pw-no-info" not in state
+
+        assert world.run() == 0
+        lines = log_lines(capsys.readouterr().err)
+        (unknown,) = [line for line in lines if line["message"] == "could not read Redis's maxmemory-policy"]
+        assert unknown["level"] == "info"
