@@ -364,6 +364,13 @@ def explain_command(config: Config, application: str, *, clusters: tuple[str, ..
             try:
                 for item in iter_observations(ClusterLister(scoped), cluster.name):
                     if isinstance(item, MalformedApplication):
+                        if item.app == f"{namespace}/{name}":
+                            found = True
+                            print(
+                                f"Application {application} in cluster {cluster.name}: malformed, skipped by every "
+                                f"run ({item.reason})",
+                                file=stdout,
+                            )
                         continue
                     if item.key.namespace == namespace and item.key.name == name:
                         found = True

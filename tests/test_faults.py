@@ -386,6 +386,13 @@ def test_an_application_nested_too_deeply_is_skipped_and_every_other_app_and_clu
             assert [snapshot.deleting_since for snapshot in kept.values()] == [None], "unreadable is not deleted"
             assert runs[0]["run_id"] == summary["run_id"], "the run's summary is recorded"
 
+            capsys.readouterr()
+            assert world.run("argocd/helm-values", "--cluster", "prod-west", command="explain") == 0
+            assert capsys.readouterr().out == (
+                f"Application argocd/helm-values in cluster prod-west: malformed, skipped by every run "
+                f"({skipped['reason']})\n"
+            )
+
             west.set_apps(moved.values())
             assert world.run() == 0, "once readable again, its deployment goes out"
             helm_id = deployment_id(AppKey("prod-west", "argocd", "helm-values"), fake_uid("argocd/helm-values"), "h1")
