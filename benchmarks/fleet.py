@@ -295,21 +295,25 @@ class Fleet:
                 )
 
     def burst_minimum(self) -> tuple[int, int]:
-        """``(compares, commit lookups)`` the burst needs at least: one compare per distinct (repo, base,
-        head), one lookup per first-seen SHA (the image heads and the GitOps commits)."""
+        """``(compares, commit lookups)`` the burst needs at least, with a cold cache: one compare per distinct
+        (repository, previous SHA, new SHA), and one lookup per distinct new SHA that no compare returns (a
+        compare ``base...head`` returns every commit in (base, head], head included): the GitOps revisions of the
+        new history entries, and any image SHA without a previous SHA or not ahead of it."""
         head = VERSIONS - 1
         compares: set[tuple[str, str, str]] = set()
-        lookups: set[tuple[str, str]] = set()
+        returned: set[tuple[str, str]] = set()
+        wanted: set[tuple[str, str]] = set()
         for member in self.members():
             if not member.bursts:
                 continue
             repo = f"acme/{member.component}"
-            base, new = commit_of(member.component, member.version), commit_of(member.component, head)
-            if base != new:
-                compares.add((repo, base, new))
-            lookups.add((repo, new))
-            lookups.add((GITOPS_REPO, gitops_commit_of(member.component, head)))
-        return len(compares), len(lookups)
+            wanted.add((repo, commit_of(member.component, head)))
+            wanted.add((GITOPS_REPO, gitops_commit_of(member.component, head)))
+            if member.version == head:
+                continue
+            compares.add((repo, commit_of(member.component, member.version), commit_of(member.component, head)))
+            returned.update((repo, commit_of(member.component, v)) for v in range(member.version + 1, head + 1))
+        return len(compares), len(wanted - returned)
 
     def burst_count(self) -> int:
         return sum(1 for member in self.members() if member.bursts)

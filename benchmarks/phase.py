@@ -61,6 +61,8 @@ class Spec:
     sync_result_resources: int
     github_token: str
     profile: str | None = None
+    commits: str = "head"
+    """``devlake.commits``: ``head`` or ``range``."""
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
@@ -214,6 +216,7 @@ def build_config(spec: Spec) -> Config:
             "devlake": {
                 "url": spec.devlake_url,
                 "connections": [{"id": 1, "api_key_env": DEVLAKE_KEY_ENV}],
+                "commits": spec.commits,
                 "timeout": "10s",
                 "retry_budget": "30s",
             },

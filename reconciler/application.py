@@ -24,7 +24,7 @@ from typing import Any
 
 from reconciler.model import AppKey, AppObservation, HistoryEntry, OperationState, SourceRef, parse_time
 
-__all__ = ["MalformedApplication", "parse_application", "source_fingerprint"]
+__all__ = ["MalformedApplication", "UnreadableApplication", "parse_application", "source_fingerprint"]
 
 _DESCRIBE_LIMIT = 40
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, check_circular=False)
@@ -42,12 +42,30 @@ class MalformedApplication(ValueError):
         """``namespace/name`` when the metadata could be read, for the caller's log line."""
 
 
+class UnreadableApplication(dict[str, Any]):
+    """Stands in a page for an item that could not be decoded (e.g. nested deeper than the decoder can go).
+
+    It holds only ``metadata.namespace`` and ``metadata.name`` when those could be read, so the item keeps its
+    identity (shard, selection, not taken for deleted) while :func:`parse_application` reports ``reason``.
+    """
+
+    def __init__(self, reason: str, namespace: str | None = None, name: str | None = None) -> None:
+        metadata = {key: value for key, value in (("namespace", namespace), ("name", name)) if value is not None}
+        super().__init__({"metadata": metadata} if metadata else {})
+        self.reason = reason
+
+
 def parse_application(raw: Mapping[str, Any], cluster: str) -> AppObservation:
     """Read ``raw`` (one Application as the Kubernetes API returns it) seen on ``cluster``.
 
-    Raises :class:`MalformedApplication` when a field the job reads is missing or of the wrong type.
+    Raises :class:`MalformedApplication` when a field the job reads is missing or of the wrong type, or when
+    the object could not be decoded or walked at all (nested too deeply).
     A missing or ``null`` ``status`` is a never-reconciled Application, not an error.
     """
+    if isinstance(raw, UnreadableApplication):
+        metadata = raw.get("metadata") or {}
+        known = "namespace" in metadata and "name" in metadata
+        raise MalformedApplication(raw.reason, app=f"{metadata['namespace']}/{metadata['name']}" if known else None)
     if not isinstance(raw, Mapping):
         raise MalformedApplication(f"application: expected an object, got {_describe(raw)}")
     metadata = _mapping(raw, "metadata", "metadata")
@@ -59,6 +77,9 @@ def parse_application(raw: Mapping[str, Any], cluster: str) -> AppObservation:
         return _parse(raw, metadata, AppKey(cluster, namespace, name))
     except MalformedApplication as error:
         raise MalformedApplication(error.reason, app=f"{namespace}/{name}") from None
+    except RecursionError:
+        reason = "the object is nested too deeply to be read (a free-form field such as a Helm valuesObject?)"
+        raise MalformedApplication(reason, app=f"{namespace}/{name}") from None
 
 
 def application_key(raw: Any, cluster: str) -> AppKey | None:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes import config as kube_config
@@ -24,6 +24,7 @@ from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from reconciler.application import UnreadableApplication
 from reconciler.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -230,15 +231,27 @@ class ClusterLister:
             raise ClusterUnavailable(self.name, f"the API server's answer could not be read: {detail}") from None
 
     def _request(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> Any:
+        """One page, decoded here rather than by the client (see :func:`decode_page`)."""
         self.requests += 1
-        kwargs: dict[str, Any] = {"limit": self.cluster.page_size, "_request_timeout": self._timeout}
+        kwargs: dict[str, Any] = {
+            "limit": self.cluster.page_size,
+            "_request_timeout": self._timeout,
+            "_preload_content": False,
+        }
         if token:
             kwargs["_continue"] = token
         if self.cluster.label_selector:
             kwargs["label_selector"] = self.cluster.label_selector
         if namespace is None:
-            return api.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-        return api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+            answer = api.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+        else:
+            answer = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+        response = cast(urllib3.BaseHTTPResponse, answer)
+        try:
+            body = response.data
+        finally:
+            response.release_conn()
+        return decode_page(body)
 
     def _unpack(self, response: Any, namespace: str | None) -> tuple[list[Any], str | None]:
         if not isinstance(response, dict):
@@ -334,6 +347,175 @@ def _wait(state: RetryCallState) -> float:
         except (TypeError, ValueError):
             pass
     return float(_backoff(state))
+
+
+# -- decoding a page ---------------------------------------------------------------------------------
+
+DEEPEST_PATH_PARTS = 4
+"""How much of the path to the deepest point of an unreadable item its reason names."""
+SPEC_MIRROR_LEVELS = 8
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SCALAR = re.compile(r"[^\s,\]}]+")
+_STRUCTURAL = re.compile(r'["\[\]{}]')
+
+
+def decode_page(body: bytes | str) -> Any:
+    """A list response's JSON, where one item too deeply nested to decode does not lose the page.
+
+    ``json.loads`` recurses once per nesting level, so an object nested ~1,000 levels (the API server allows
+    10,000, in free-form fields such as ``spec.source.helm.valuesObject``) raises ``RecursionError`` for the
+    whole page. Then the page is walked without recursion and its items are decoded one by one: each one
+    that still cannot be decoded becomes an :class:`UnreadableApplication` naming how deep it goes and where.
+    Raises ``ValueError`` when the body is not JSON, or the list itself cannot be decoded.
+    """
+    try:
+        return json.loads(body)
+    except RecursionError:
+        pass
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    try:
+        return _decode_item_by_item(text)
+    except (RecursionError, IndexError) as error:
+        raise ValueError(f"the list could not be decoded ({type(error).__name__})") from None
+
+
+def _decode_item_by_item(text: str) -> Any:
+    start = _skip_whitespace(text, 0)
+    if text[start] != "{":
+        raise ValueError("not a JSON object")
+    page: dict[str, Any] = {}
+    for key, value_start, value_end in _members(text, start):
+        if key != "items" or text[value_start] != "[":
+            page[key] = json.loads(text[value_start:value_end])
+            continue
+        page[key] = [_decode_item(text, item_start, item_end) for item_start, item_end in _elements(text, value_start)]
+    return page
+
+
+def _decode_item(text: str, start: int, end: int) -> Any:
+    try:
+        return json.loads(text[start:end])
+    except RecursionError:
+        pass
+    depth, path = _deepest(text, start)
+    where = f" (deepest under {path})" if path else ""
+    reason = f"nested {depth} levels deep{where}: too deep to be read"
+    namespace = name = None
+    if text[start] == "{":
+        metadata = next((value for key, value, _ in _members(text, start) if key == "metadata"), None)
+        if metadata is not None and text[metadata] == "{":
+            for key, value_start, value_end in _members(text, metadata):
+                if key in ("namespace", "name") and text[value_start] == '"':
+                    found = json.loads(text[value_start:value_end])
+                    namespace, name = (found, name) if key == "namespace" else (namespace, found)
+    return UnreadableApplication(reason, namespace, name)
+
+
+def _deepest(text: str, start: int) -> tuple[int, str]:
+    """How many levels the value at ``start`` nests, and the path to its deepest point (a few parts of it).
+
+    The ``spec`` is named when it is about as deep as the deepest part: ``status`` (history, comparedTo) and
+    ``metadata.managedFields`` mirror it a few levels deeper, but the spec is what someone wrote."""
+    depth = _value_end(text, start)[1]
+    parts: list[str] = []
+    position = start
+    while len(parts) < DEEPEST_PATH_PARTS and text[position] in "[{":
+        if text[position] == "{":
+            children = [(key, value) for key, value, _ in _members(text, position)]
+        else:
+            children = [(f"[{index}]", item) for index, (item, _) in enumerate(_elements(text, position))]
+        depths = [(_value_end(text, value)[1], key, value) for key, value in children]
+        if not depths:
+            break
+        deepest = max(depths, key=lambda child: child[0])
+        spec = next((child for child in depths if child[1] == "spec"), None) if not parts else None
+        if spec is not None and spec[0] >= deepest[0] - SPEC_MIRROR_LEVELS:
+            deepest = spec
+        parts.append(deepest[1])
+        position = deepest[2]
+    path = ".".join(parts).replace(".[", "[")
+    return depth, path + ("…" if path and text[position] in "[{" else "")
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    match = _WHITESPACE.match(text, position)
+    return match.end() if match else position
+
+
+def _value_end(text: str, start: int) -> tuple[int, int]:
+    """Where the JSON value at ``start`` ends, and how many levels of arrays and objects it nests (no recursion)."""
+    first = text[start]
+    if first == '"':
+        string = _STRING.match(text, start)
+        if string is None:
+            raise ValueError("unterminated string")
+        return string.end(), 0
+    if first not in "[{":
+        scalar = _SCALAR.match(text, start)
+        if scalar is None:
+            raise ValueError(f"unexpected {first!r}")
+        return scalar.end(), 0
+    depth = deepest = 0
+    position = start
+    while True:
+        found = _STRUCTURAL.search(text, position)
+        if found is None:
+            raise ValueError("unterminated array or object")
+        mark = found.group()
+        if mark == '"':
+            string = _STRING.match(text, found.start())
+            if string is None:
+                raise ValueError("unterminated string")
+            position = string.end()
+            continue
+        position = found.end()
+        if mark in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+            if depth == 0:
+                return position, deepest
+
+
+def _members(text: str, start: int) -> Iterator[tuple[str, int, int]]:
+    """``(key, value start, value end)`` of the object at ``start``."""
+    position = _skip_whitespace(text, start + 1)
+    if text[position] == "}":
+        return
+    while True:
+        key = _STRING.match(text, position)
+        if key is None:
+            raise ValueError("expected an object key")
+        position = _skip_whitespace(text, key.end())
+        if text[position] != ":":
+            raise ValueError("expected ':'")
+        value_start = _skip_whitespace(text, position + 1)
+        value_end = _value_end(text, value_start)[0]
+        yield json.loads(key.group()), value_start, value_end
+        position = _skip_whitespace(text, value_end)
+        if text[position] == "}":
+            return
+        if text[position] != ",":
+            raise ValueError("expected ',' or '}'")
+        position = _skip_whitespace(text, position + 1)
+
+
+def _elements(text: str, start: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each element of the array at ``start``."""
+    position = _skip_whitespace(text, start + 1)
+    if text[position] == "]":
+        return
+    while True:
+        end = _value_end(text, position)[0]
+        yield position, end
+        position = _skip_whitespace(text, end)
+        if text[position] == "]":
+            return
+        if text[position] != ",":
+            raise ValueError("expected ',' or ']'")
+        position = _skip_whitespace(text, position + 1)
 
 
 def _identity(item: Any, namespace: str | None) -> tuple[str, str]:

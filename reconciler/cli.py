@@ -30,7 +30,7 @@ exit codes:
   0  done
   1  some work failed (delivery, GitHub, a cluster, the state store) and will be retried next run;
      also when the state store cannot be reached at the start: then nothing is listed or sent
-  2  configuration or usage error (check: a dependency is unreachable)
+  2  configuration or usage error (check: a dependency is unreachable, or Redis may evict the state)
   3  another run holds the lock
 
 environment:

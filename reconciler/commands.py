@@ -27,7 +27,13 @@ from reconciler.planner import plan
 from reconciler.reconcile import iter_observations, planner_policy
 from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard
 from reconciler.runtime import Runtime, progress_reporter, run_pass, store_unavailable_at_start
-from reconciler.store import Store, StoreUnavailable, open_store
+from reconciler.store import (
+    Store,
+    StoreUnavailable,
+    open_store,
+    state_eviction,
+    warn_if_state_can_be_evicted,
+)
 
 log = logging.getLogger("reconciler")
 
@@ -73,6 +79,7 @@ def run_command(
             progress=progress or progress_reporter(sys.stderr),
             dry_run_output=stdout or sys.stdout,
             publish=publish,
+            on_store_reached=warn_if_state_can_be_evicted,
         )
         return result.exit_code
     finally:
@@ -123,16 +130,28 @@ def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tu
 
 
 def _check_store(config: Config) -> tuple[bool, str]:
+    """Reached, and (Redis) not allowed to evict the state: an ``allkeys-*`` policy under a memory limit fails;
+    one without a limit yet, or a policy Redis will not tell, is a warning on an ``ok`` line."""
     store: Store | None = None
     try:
         store = open_store(config.state)
         store.ping()
+        eviction = state_eviction(store)
     except StoreUnavailable as error:
         return False, f"state store: FAILED ({error})"
     finally:
         if store is not None:
             store.close()
-    return True, f"state store: ok ({_describe_state_url(config.state.url)})"
+    where = _describe_state_url(config.state.url)
+    if eviction is None:
+        return True, f"state store: ok ({where})"
+    if eviction.evicts_state:
+        return False, f"state store: FAILED ({where}: {eviction.problem})"
+    if eviction.problem is not None:
+        return True, f"state store: ok ({where}; WARNING: {eviction.problem})"
+    if eviction.policy is None:
+        return True, f"state store: ok ({where}; WARNING: {eviction.describe()})"
+    return True, f"state store: ok ({where}; {eviction.describe()})"
 
 
 class _NoCache:
@@ -187,6 +206,13 @@ def explain_command(config: Config, application: str, *, clusters: tuple[str, ..
             try:
                 for item in iter_observations(ClusterLister(scoped), cluster.name):
                     if isinstance(item, MalformedApplication):
+                        if item.app == f"{namespace}/{name}":
+                            found = True
+                            print(
+                                f"Application {application} in cluster {cluster.name}: malformed, skipped by every "
+                                f"run ({item.reason})",
+                                file=stdout,
+                            )
                         continue
                     if item.key.namespace == namespace and item.key.name == name:
                         found = True

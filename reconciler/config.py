@@ -230,7 +230,8 @@ class GitHubConfig(_Section):
 
 class StateConfig(_Section):
     url: str | None = Field(default=None, repr=False)
-    """``redis://``/``rediss://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded SQLite.
+    """``redis://``/``rediss://``/``unix://`` URL, ``sqlite:///relative.db``, ``sqlite:////abs.db``; ``None``: embedded
+    SQLite.
     Left out of the repr: a Redis URL can carry a password."""
     key_prefix: str = Field(default="dora", min_length=1)
 
@@ -363,9 +364,13 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     """Read, override from the environment and validate. Raises ``ConfigError`` naming each bad key."""
     environ = os.environ if environ is None else environ
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise ConfigError([f"{path}: cannot read the config file: {error.strerror or error}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: {_not_utf8(raw, error.start)}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -383,6 +388,16 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     if problems:
         raise ConfigError(problems)
     return validate_config(data)
+
+
+def _not_utf8(raw: bytes, offset: int) -> str:
+    """Where the first byte that is not UTF-8 is: line and column (both counted in bytes, from 1)."""
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    line = raw.count(b"\n", 0, offset) + 1
+    return (
+        f"not UTF-8 text: byte 0x{raw[offset]:02x} at line {line}, column {offset - line_start + 1} "
+        f"(byte {offset}); save the file as UTF-8"
+    )
 
 
 def validate_config(data: dict[str, Any]) -> Config:

@@ -160,6 +160,7 @@ class AppResult:
     failed: int = 0
     skipped: int = 0
     deferred: int = 0
+    held_unreadable: int = 0
     deduplicated: int = 0
     sent: int = 0
     retry_later: int = 0
@@ -292,7 +293,10 @@ class Deliverer:
                 return result
             if isinstance(outcome, Deferred):
                 result.deferred += total - index
-                log.warning(
+                if outcome.unreadable is not None:
+                    result.held_unreadable += total - index
+                log.log(
+                    logging.INFO if outcome.reported else logging.WARNING,
                     "deployment deferred to the next run",
                     extra={"app": str(key), "deployment_id": deployment.id, "reason": outcome.reason},
                 )

@@ -1,8 +1,8 @@
 """DevLake webhook deployments: the POST body, routing to connections, and delivery with retries.
 
-The body follows ``reference/devlake.md`` §1 and the sender profile of §6: full lowercase SHAs, one canonical
-``repoUrl`` per repository, UTC ``Z`` dates, an explicit ``environment``, and ``result`` on the deployment *and*
-on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the top level says).
+The body is DevLake's webhook deployment body (``docs/design.md`` §5) in a strict profile: full lowercase SHAs,
+one canonical ``repoUrl`` per repository, UTC ``Z`` dates, an explicit ``environment``, and ``result`` on the
+deployment *and* on every commit (DevLake defaults a commit's result to ``SUCCESS`` whatever the top level says).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -40,14 +41,18 @@ RETRYABLE_STATUSES = frozenset({408, 425, 428, 429})
 MAX_NAME_LENGTH = 255
 MAX_COMMIT_MESSAGE_LENGTH = 255
 MAX_DELIVERY_MESSAGE_LENGTH = 2000
+MAX_UNEXPECTED_BODY_LENGTH = 300
 TITLE_SHAS = 5
 
 _HEX_RUN = re.compile(r"[0-9a-f]{7,40}")
 
 
-CONFIGURATION_STATUSES = frozenset({401, 403, 404})
-"""A wrong API key or connection id is an operator's fix, not a bad payload: hold the deployment back
-(the run exits 1) rather than dead-letter every deployment until someone notices."""
+CONFIGURATION_STATUSES = frozenset({401, 403, 404, *range(300, 400)})
+"""A wrong API key, connection id or URL is an operator's fix, not a bad payload: hold the deployment back
+(the run exits 1) rather than dead-letter every deployment until someone notices. A redirect (3xx) is never
+followed: DevLake's webhook does not redirect, so it comes from something in front of it (an SSO proxy, an
+``http://`` to ``https://`` redirect), and following it would turn the POST into a GET that some login page
+answers with 200."""
 
 
 class PayloadError(ValueError):
@@ -69,7 +74,9 @@ def build_payload(
     destination: str,
     source_paths: list[str],
 ) -> dict[str, Any]:
-    """The webhook body for one deployment (DESIGN §5). Raises ``PayloadError`` when there is no commit to send."""
+    """The webhook body for one deployment (``docs/design.md`` §5).
+
+    Raises ``PayloadError`` when there is no commit to send."""
     deployment = enriched.deployment
     key = deployment.key
     head_mode = config.devlake.commits == "head"
@@ -299,13 +306,16 @@ class DevLakeClient:
                 headers=headers,
                 timeout=self._timeout,
                 verify=self._devlake.verify_tls,
+                allow_redirects=False,
             )
         except requests.RequestException as error:
             return False, _redact(_bounded(f"unreachable: {error}", MAX_DELIVERY_MESSAGE_LENGTH), key)
         status = response.status_code
-        if status == 400:
-            return True, f"reachable at {self._devlake.url}, API key accepted"
+        if response.is_redirect or 300 <= status < 400:
+            return False, _redact(_redirect_message(response), key)
         message = _response_message(response, key)
+        if status == 400 and _envelope_success(response) is False:
+            return True, f"reachable at {self._devlake.url}, API key accepted"
         if status in (401, 403):
             return False, f"API key refused (HTTP {status}: {message})"
         if status == 404:
@@ -331,7 +341,12 @@ class DevLakeClient:
             attempts += 1
             try:
                 response = self._session.post(
-                    url, json=payload, headers=headers, timeout=self._timeout, verify=self._devlake.verify_tls
+                    url,
+                    json=payload,
+                    headers=headers,
+                    timeout=self._timeout,
+                    verify=self._devlake.verify_tls,
+                    allow_redirects=False,
                 )
             except requests.Timeout as error:
                 raise _Retryable(None, _redact(f"timed out: {error}", key)) from None
@@ -340,6 +355,9 @@ class DevLakeClient:
             status = response.status_code
             if status in RETRYABLE_STATUSES or status >= 500:
                 raise _Retryable(status, _response_message(response, key), _retry_after(response))
+            if 200 <= status < 300 and _envelope_success(response) is not True:
+                excerpt = _bounded(_response_message(response, key), MAX_UNEXPECTED_BODY_LENGTH)
+                raise _Retryable(status, f"HTTP {status} without DevLake's success answer: {excerpt}")
             return response
 
         def before_sleep(state: RetryCallState) -> None:
@@ -378,6 +396,9 @@ class DevLakeClient:
         message = _response_message(response, key)
         if 200 <= status < 300:
             outcome = DeliveryOutcome.DELIVERED
+        elif 300 <= status < 400:
+            outcome = DeliveryOutcome.RETRY_LATER
+            message = _redact(_redirect_message(response), key)
         elif status in CONFIGURATION_STATUSES:
             outcome = DeliveryOutcome.RETRY_LATER
             message = f"DevLake refused the connection's configuration (HTTP {status}): {message}"
@@ -407,6 +428,41 @@ def _response_message(response: requests.Response, key: str) -> str:
     else:
         message = response.text.strip() or f"HTTP {response.status_code} {response.reason or ''}".strip()
     return _redact(_bounded(message, MAX_DELIVERY_MESSAGE_LENGTH), key)
+
+
+def _envelope_success(response: requests.Response) -> bool | None:
+    """The ``success`` of DevLake's answer envelope; ``None`` when the body is not one.
+
+    Every DevLake version answers a stored deployment with ``200 {"code":0,"success":true,"message":"success",...}``
+    (the handler returns no body and the API layer's ``ApiOutputSuccess`` writes that envelope); none answers
+    with an empty body. So a 2xx is only DevLake's acknowledgement when it says so."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("success"), bool):
+        return None
+    success: bool = body["success"]
+    return success
+
+
+def _redirect_message(response: requests.Response) -> str:
+    """Where a redirect points, without what its URL may carry (credentials, a query with SSO state)."""
+    location = response.headers.get("Location", "").strip()
+    if not location:
+        where = "nowhere (no Location header)"
+    else:
+        try:
+            parts = urlsplit(urljoin(response.url or "", location))
+            port = f":{parts.port}" if parts.port else ""
+            where = f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}" if parts.scheme else parts.path
+        except ValueError:
+            where = "an unreadable address"
+    return (
+        f"DevLake's URL answered with a redirect (HTTP {response.status_code}) to {where}; redirects are not "
+        "followed: set devlake.url to DevLake's own address (is a single-sign-on proxy or an http-to-https "
+        "redirect in front of it?)"
+    )
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -1,9 +1,16 @@
 """Resolve each planned deployment's images and GitOps revision to GitHub commits.
 
-For every commit-tagged image the GitHub repository comes from ``images.repositories`` (or commit search),
-the tag is expanded to a full SHA, and the history since the previous deployment of that repository is a
-GitHub compare. The previous head per repository comes from the snapshot and is carried forward through
-the Application's deployments of this tick, so deployment k's heads are deployment k+1's bases.
+For every commit-tagged image the GitHub repository comes from ``images.repositories`` (or commit search), and
+the history since the previous deployment of that repository is a GitHub compare ``previous...tag``, which also
+returns the deployed commit itself (full SHA, message, dates), so no separate lookup is needed for it. A commit
+is looked up on its own only when no compare returns it: an image without a previous SHA, a rollback (GitHub
+returns no commit for a head behind its base), and the GitOps revision. The previous head per repository comes
+from the snapshot and is carried forward through the Application's deployments of this tick, so deployment k's
+heads are deployment k+1's bases.
+
+What GitHub cannot give yet holds the deployment back (``Deferred``: it and the Application's later deployments
+wait for the next run): rate limits, outages, a repository the token cannot read, and, for ``MISSING_COMMIT_GRACE``
+after the deployment finished, a commit GitHub does not have in a repository it can read.
 """
 
 from __future__ import annotations
@@ -12,15 +19,19 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import ParamSpec, TypeVar
 
 from reconciler.config import Config
 from reconciler.github import (
     CommitNotFound,
+    Comparison,
     GitHubClient,
+    GitHubDown,
     GitHubUnavailable,
     RateLimited,
+    RepositoryNotReadable,
     repository_from_url,
 )
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
@@ -31,6 +42,13 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+MISSING_COMMIT_GRACE = timedelta(hours=1)
+"""How long after a deployment finished a commit GitHub does not have (422 "No commit found", or 404 in a
+repository it can read) holds the deployment back: a commit pushed a little after its image was built or
+deployed, or not yet replicated, then arrives with its deployment. Past it the commit is dropped with a warning
+(a tag never pushed, a force-push that dropped it, a mapping to the wrong repository) and the deployment goes out
+with the commits it has; holding it longer would hold every later deployment of the Application with it."""
 
 
 @dataclass(frozen=True)
@@ -46,29 +64,50 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Deferred:
-    """GitHub is rate limited or down: this deployment and the later ones of its Application wait a tick."""
+    """GitHub cannot give this deployment's commits now (rate limit, outage, a repository it cannot read, a commit
+    it does not have yet): this deployment and the later ones of its Application wait a tick."""
 
     reason: str
     reset_at: datetime | None = None
     deployment: Deployment | None = None
+    unreadable: str | None = None
+    """The repository GitHub cannot read, when that is why."""
+    reported: bool = False
+    """The cause was logged once for the run (unreadable repository, GitHub down): no need to repeat it loudly."""
 
 
 EnrichOutcome = EnrichedDeployment | Skipped | Deferred
 
 
 class _Defer(Exception):
-    def __init__(self, reason: str, reset_at: datetime | None) -> None:
+    def __init__(
+        self, reason: str, reset_at: datetime | None, *, unreadable: str | None = None, reported: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reset_at = reset_at
+        self.unreadable = unreadable
+        self.reported = reported
+
+
+@dataclass(frozen=True)
+class _Image:
+    """The commit tags of one GitHub repository among a deployment's images, each with the image that names it."""
+
+    repo: str
+    tags: dict[str, str]
+    """Commit tag (full or short SHA, lower case) -> ``image:tag`` for messages."""
 
 
 class Enricher:
     """Turns ``Deployment`` plans into ``EnrichedDeployment`` (or ``Skipped`` / ``Deferred``)."""
 
-    def __init__(self, config: Config, github: GitHubClient) -> None:
+    def __init__(
+        self, config: Config, github: GitHubClient, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
         self.config = config
         self.github = github
+        self.clock = clock
         self.rule = CommitTagRule(config.images.commit_tag_pattern)
         self.mapper = RepositoryMapper(config.images)
 
@@ -90,33 +129,40 @@ class Enricher:
     def _prefetch(
         self, pool: ThreadPoolExecutor, batches: Sequence[tuple[Sequence[Deployment], Mapping[str, str]]]
     ) -> None:
-        """Send the lookups of every Application's first deployment side by side, before any Application starts.
+        """Send the GitHub requests of every Application side by side, before any Application starts, in two
+        waves: first every compare, then the commit lookups that no compare answered.
 
-        Each Application resolves its commits one round trip after another (head, then compare, then the GitOps
-        commit), and Applications of one component wait on the same lookups, so without this a burst costs a
-        chain of round trips per component. The GitHub client's per-tick memo makes this transparent: the
-        Applications then get these very answers (or errors), and no lookup is sent twice. A compare is only
-        sent once its head commit was found, as ``_enrich_one`` would.
+        Each Application resolves its commits one round trip after another, and Applications of one component wait
+        on the same lookups, so without this a burst costs a chain of round trips per component. Sending the
+        compares first means a commit that any compare returns (another Application's range passing through a
+        rollback's head, say) is never looked up on its own. The GitHub client's per-tick memo makes this
+        transparent: the Applications then get these very answers (or errors), and nothing is sent twice.
+        Covered: the compares and lookups of each Application's first deployment with commit-tagged images (its
+        bases are the snapshot's), and the GitOps lookups of every deployment.
         """
-        firsts = [(deployments[0], previous) for deployments, previous in batches if deployments]
-        wanted = {pair for deployment, _ in firsts for pair in self._image_lookups(deployment)}
-        wanted.update(pair for deployment, _ in firsts for pair in self._gitops_lookups(deployment))
-        lookups = list(wanted)
-        commits = pool.map(lambda pair: self._quietly(self.github.commit, *pair), lookups)
-        found = dict(zip(lookups, commits, strict=True))
+        firsts: list[tuple[Deployment, Mapping[str, str], list[_Image]]] = []
+        for deployments, previous in batches:
+            for deployment in deployments:
+                if images := self._images(deployment, [], search=False):
+                    firsts.append((deployment, previous, images))
+                    break
         limit = self.config.github.max_commits_per_range
         compares: set[tuple[str, str, str]] = set()
-        for deployment, previous in firsts:
-            heads: dict[str, set[str]] = {}
-            for repo, sha in self._image_lookups(deployment):
-                commit = found.get((repo, sha))
-                if commit is not None:
-                    heads.setdefault(repo, set()).add(commit.sha)
-            for repo, shas in heads.items():
-                base = previous.get(repo)
-                if len(shas) == 1 and base is not None and base.lower() not in shas:
-                    compares.add((repo, base, next(iter(shas))))
+        for _deployment, previous, images in firsts:
+            for image in images:
+                base, tags = previous.get(image.repo), list(image.tags)
+                if len(tags) == 1 and base is not None and not _same_commit(base, tags[0]):
+                    compares.add((image.repo, base, tags[0]))
         list(pool.map(lambda c: self._quietly(self.github.compare, c[0], c[1], c[2], limit), compares))
+        gitops = {pair for deployments, _ in batches for d in deployments for pair in self._gitops_lookups(d)}
+        work: list[Callable[[], object]] = [partial(self._heads, d, p, images) for d, p, images in firsts]
+        work += [partial(self.github.commit, repo, revision) for repo, revision in gitops]
+        list(pool.map(self._quietly, work))
+
+    def _heads(self, deployment: Deployment, previous: Mapping[str, str], images: Sequence[_Image]) -> None:
+        """Resolve a deployment's image heads as ``_enrich_one`` will (its compares are memoised by then)."""
+        for image in images:
+            self._resolve(deployment, image, previous.get(image.repo), [])
 
     @staticmethod
     def _quietly(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
@@ -124,22 +170,6 @@ class Enricher:
             return function(*args, **kwargs)
         except Exception:  # remembered by the client's memo; the Application's own call gets the same error
             return None
-
-    def _image_lookups(self, deployment: Deployment) -> list[tuple[str, str]]:
-        """``(repo, commit tag)`` of each mapped, commit-tagged image, as ``_image_heads`` looks them up."""
-        lookups: list[tuple[str, str]] = []
-        for raw in dict.fromkeys(deployment.images):
-            try:
-                image = parse_image(raw)
-            except InvalidImageReference:
-                continue
-            if image.tag is None or self.mapper.ignored(image):
-                continue
-            sha = self.rule.commit_of(image.tag)
-            repo = self.mapper.repository_for(image) if sha is not None else None
-            if sha is not None and repo is not None:
-                lookups.append((repo, sha))
-        return lookups
 
     def _gitops_lookups(self, deployment: Deployment) -> list[tuple[str, str]]:
         """``(repo, revision)`` of each Git source's commit, as ``_gitops_commits`` looks them up."""
@@ -176,11 +206,15 @@ class Enricher:
             try:
                 outcome = self._enrich_one(deployment, carried)
             except _Defer as defer:
-                log.warning(
-                    "GitHub cannot be used now; deployment deferred",
+                log.log(
+                    logging.INFO if defer.reported else logging.WARNING,
+                    "GitHub cannot give this deployment's commits now; deployment deferred",
                     extra=_fields(deployment, defer.reason),
                 )
-                outcomes.extend(Deferred(defer.reason, defer.reset_at, later) for later in deployments[index:])
+                outcomes.extend(
+                    Deferred(defer.reason, defer.reset_at, later, defer.unreadable, defer.reported)
+                    for later in deployments[index:]
+                )
                 return outcomes
             if isinstance(outcome, EnrichedDeployment):
                 carried = dict(outcome.deployed_commits)
@@ -191,35 +225,30 @@ class Enricher:
 
     def _enrich_one(self, deployment: Deployment, previous: Mapping[str, str]) -> EnrichedDeployment | Skipped:
         warnings: list[str] = []
-        image_heads = self._image_heads(deployment, warnings)
         heads: dict[str, Commit] = {}
         history: list[Commit] = []
         deployed = dict(previous)
         rollback = False
-        limit = self.config.github.max_commits_per_range
-        for repo, head in image_heads.items():
+        for image in self._images(deployment, warnings):
+            base = previous.get(image.repo)
+            resolved = self._resolve(deployment, image, base, warnings)
+            if resolved is None:
+                continue
+            head, comparison = resolved
+            repo = image.repo
             heads[repo] = head
             deployed[repo] = head.sha
-            base = previous.get(repo)
-            if base is None or base.lower() == head.sha:
-                history.append(head)
-                continue
-            try:
-                comparison = _call(self.github.compare, repo, base, head.sha, limit)
-            except CommitNotFound as error:
-                warnings.append(f"{repo}: no history from the previous deployment's {base[:12]} ({error.reason})")
-                history.append(head)
-                continue
-            if comparison.status == "behind":
-                rollback = True
-            elif comparison.status == "diverged":
-                warnings.append(f"{repo}: {head.sha[:12]} diverged from the previous {base[:12]}")
-            if comparison.truncated:
-                warnings.append(
-                    f"{repo}: {comparison.total} commits since {base[:12]}, "
-                    f"only the first {len(comparison.commits)} kept"
-                )
-            history.extend(comparison.commits)
+            if comparison is not None and base is not None:
+                if comparison.status == "behind":
+                    rollback = True
+                elif comparison.status == "diverged":
+                    warnings.append(f"{repo}: {head.sha[:12]} diverged from the previous {base[:12]}")
+                if comparison.truncated:
+                    warnings.append(
+                        f"{repo}: {comparison.total} commits since {base[:12]}, "
+                        f"only the first {len(comparison.commits)} kept"
+                    )
+                history.extend(comparison.commits)
             history.append(head)
         if self.config.devlake.include_gitops_commit:
             for gitops in self._gitops_commits(deployment, warnings):
@@ -246,9 +275,10 @@ class Enricher:
             warnings=tuple(warnings),
         )
 
-    def _image_heads(self, deployment: Deployment, warnings: list[str]) -> dict[str, Commit]:
-        """The deployed head commit per GitHub repository, in image order."""
-        found: dict[str, list[Commit]] = {}
+    def _images(self, deployment: Deployment, warnings: list[str], *, search: bool = True) -> list[_Image]:
+        """The commit tags of the deployment's images per GitHub repository, in image order. ``search``: ask
+        GitHub commit search for images no rule maps (``images.search_fallback``)."""
+        found: dict[str, _Image] = {}
         for raw in dict.fromkeys(deployment.images):
             try:
                 image = parse_image(raw)
@@ -261,45 +291,98 @@ class Enricher:
             if sha is None:
                 continue
             repo = self.mapper.repository_for(image)
-            if repo is None and self.config.images.search_fallback:
+            if repo is None and search and self.config.images.search_fallback:
                 repo = _call(self.github.find_repository, sha)
             if repo is None:
-                warnings.append(f"image {image.repository}:{image.tag}: no GitHub repository (images.repositories)")
+                if search:
+                    warnings.append(f"image {image.repository}:{image.tag}: no GitHub repository (images.repositories)")
                 continue
-            try:
-                commit = _call(self.github.commit, repo, sha)
-            except CommitNotFound as error:
-                warnings.append(f"image {image.repository}:{image.tag}: commit dropped ({error.reason})")
-                continue
-            commits = found.setdefault(repo, [])
-            if all(existing.sha != commit.sha for existing in commits):
+            found.setdefault(repo, _Image(repo, {})).tags.setdefault(sha.lower(), f"{image.repository}:{image.tag}")
+        return list(found.values())
+
+    def _resolve(
+        self, deployment: Deployment, image: _Image, base: str | None, warnings: list[str]
+    ) -> tuple[Commit, Comparison | None] | None:
+        """The deployed head of one repository and the comparison from ``base`` (``None``: no range, the history
+        is the head alone), or ``None`` when the head was dropped. The compare returns the head with the range, so
+        the head is looked up on its own only when no compare returns it."""
+        repo = image.repo
+        limit = self.config.github.max_commits_per_range
+        if len(image.tags) > 1:
+            head = self._newest(deployment, image, warnings)
+            if head is None or base is None or base.lower() == head.sha:
+                return (head, None) if head is not None else None
+            return head, self._compare_or_warn(repo, base, head.sha, warnings)
+        tag, label = next(iter(image.tags.items()))
+        if base is None or _same_commit(base, tag):
+            head = self._lookup(deployment, repo, base.lower() if base else tag, f"image {label}", warnings)
+            return (head, None) if head is not None else None
+        try:
+            comparison = _call(self.github.compare, repo, base, tag, limit)
+        except CommitNotFound as error:
+            # GitHub has not got the base or the head: the head decides whether there is a deployment to tell.
+            head = self._lookup(deployment, repo, tag, f"image {label}", warnings)
+            if head is None:
+                return None
+            if FULL_SHA.fullmatch(tag):
+                warnings.append(f"{repo}: no history from the previous deployment's {base[:12]} ({error.reason})")
+                return head, None
+            return head, self._compare_or_warn(repo, base, head.sha, warnings)  # the short tag was the trouble
+        head = comparison.find(tag) or self._lookup(deployment, repo, tag, f"image {label}", warnings)
+        return (head, comparison) if head is not None else None
+
+    def _newest(self, deployment: Deployment, image: _Image, warnings: list[str]) -> Commit | None:
+        """Images of one repository at several commits: the newest is the head."""
+        commits: list[Commit] = []
+        for tag, label in image.tags.items():
+            commit = self._lookup(deployment, image.repo, tag, f"image {label}", warnings)
+            if commit is not None and all(existing.sha != commit.sha for existing in commits):
                 commits.append(commit)
-        heads: dict[str, Commit] = {}
-        for repo, commits in found.items():
-            head = commits[0]
-            if len(commits) > 1:
-                head = max(commits, key=lambda c: (c.date is not None, c.date or deployment.finished_at))
-                shas = ", ".join(c.sha[:12] for c in commits)
-                warnings.append(f"{repo}: images at several commits ({shas}); the newest, {head.sha[:12]}, is the head")
-            heads[repo] = head
-        return heads
+        if not commits:
+            return None
+        head = max(commits, key=lambda c: (c.date is not None, c.date or deployment.finished_at))
+        if len(commits) > 1:
+            shas = ", ".join(c.sha[:12] for c in commits)
+            warnings.append(
+                f"{image.repo}: images at several commits ({shas}); the newest, {head.sha[:12]}, is the head"
+            )
+        return head
+
+    def _compare_or_warn(self, repo: str, base: str, head: str, warnings: list[str]) -> Comparison | None:
+        try:
+            return _call(self.github.compare, repo, base, head, self.config.github.max_commits_per_range)
+        except CommitNotFound as error:
+            warnings.append(f"{repo}: no history from the previous deployment's {base[:12]} ({error.reason})")
+            return None
+
+    def _lookup(self, deployment: Deployment, repo: str, ref: str, label: str, warnings: list[str]) -> Commit | None:
+        """One commit, or ``None`` when GitHub does not have it and the grace is over (a warning says so)."""
+        try:
+            return _call(self.github.commit, repo, ref)
+        except CommitNotFound as error:
+            self._missing(deployment, label, error)
+            warnings.append(f"{label}: commit dropped ({error.reason})")
+            return None
+
+    def _missing(self, deployment: Deployment, label: str, error: CommitNotFound) -> None:
+        """Within ``MISSING_COMMIT_GRACE`` of the deployment, a commit GitHub says it does not have holds it back."""
+        if error.status is None:
+            return  # not a commit reference at all: waiting cannot help
+        until = deployment.finished_at + MISSING_COMMIT_GRACE
+        if self.clock() < until:
+            raise _Defer(
+                f"{label}: GitHub does not have this commit ({error.reason}); held back until {format_time(until)}, "
+                "then sent without it",
+                None,
+            )
 
     def _gitops_commits(self, deployment: Deployment, warnings: list[str]) -> list[Commit]:
         """The GitOps repository commit of each Git source (Helm chart versions and OCI digests are not commits)."""
         commits: list[Commit] = []
-        for index, source in enumerate(deployment.sources):
-            if source.chart or index >= len(deployment.revisions):
-                continue
-            revision = deployment.revisions[index]
-            if not FULL_SHA.fullmatch(revision.lower()):
-                continue
-            repo = repository_from_url(source.repo_url, self.github.web_url)
-            if repo is None:
-                continue
-            try:
-                commits.append(_call(self.github.commit, repo, revision))
-            except CommitNotFound as error:
-                warnings.append(f"GitOps commit {repo}@{revision[:12]} dropped ({error.reason})")
+        for repo, revision in self._gitops_lookups(deployment):
+            commit = self._lookup(deployment, repo, revision, f"GitOps commit {repo}@{revision[:12]}", warnings)
+            if commit is not None:
+                commits.append(commit)
         return commits
 
     @staticmethod
@@ -315,14 +398,24 @@ class Enricher:
                 )
 
 
+def _same_commit(base: str, tag: str) -> bool:
+    """``tag`` (a full or short SHA) names the commit ``base`` (a full SHA)."""
+    base, tag = base.lower(), tag.lower()
+    return base == tag or (len(tag) < 40 and base.startswith(tag))
+
+
 def _call(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run a GitHub lookup; rate limits and outages become ``_Defer`` (the rest of the app waits a tick)."""
+    """Run a GitHub lookup; rate limits, outages and unreadable repositories become ``_Defer`` (the rest of the
+    app waits a tick)."""
     try:
         return function(*args, **kwargs)
     except RateLimited as error:
         raise _Defer(f"GitHub rate limited: {error.reason}", error.reset_at) from None
+    except RepositoryNotReadable as error:
+        raise _Defer(error.reason, None, unreadable=error.repo, reported=True) from None
     except GitHubUnavailable as error:
-        raise _Defer(f"GitHub unavailable: {error.reason}", None) from None
+        down = isinstance(error, GitHubDown)
+        raise _Defer(f"GitHub unavailable: {error.reason}", None, reported=down) from None
 
 
 def _fields(deployment: Deployment, reason: str) -> dict[str, str]:

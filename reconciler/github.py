@@ -2,7 +2,13 @@
 
 Commits and compares of two full SHAs are immutable, so they are cached in the state store forever and a
 second tick that needs them sends nothing. Within one tick each distinct lookup runs once even when many
-threads ask for it at the same time (a single-flight memo of futures).
+threads ask for it at the same time (a single-flight memo of futures), and every commit a compare returned
+answers a later lookup of that commit without a request.
+
+A 404 is not "commit not found" until GitHub has shown it can read the repository (one ``GET /repos/{o}/{r}``
+per repository and tick): a repository the token cannot see raises ``RepositoryNotReadable``, named once per
+tick. GitHub failing ``OUTAGE_ATTEMPTS`` attempts in a row (timeouts, connection errors, 5xx) opens a circuit
+breaker for the rest of the tick: every later lookup fails at once with ``GitHubUnavailable``.
 
 PyGithub's ``Github`` object is not thread-safe (its connection object keeps the URL of the request in
 flight in instance attributes, PyGithub PR #2052), so the client keeps a small pool of ``Github`` instances
@@ -37,6 +43,7 @@ from github.GithubException import (
 )
 from github.Requester import Requester
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from reconciler import __version__
@@ -53,6 +60,17 @@ SECONDARY_RATE_WAIT = 60.0
 """GitHub: without ``Retry-After`` wait at least a minute after a secondary rate limit."""
 TOKEN_REFRESH_MARGIN = timedelta(minutes=2)
 CACHE_VERSION = 1
+OUTAGE_ATTEMPTS = 6
+"""Failed attempts in a row (timeouts, connection errors, HTTP 5xx), spread over at least two different
+requests, after which GitHub counts as down for the rest of the tick: what is left of the tick's GitHub work is
+deferred to the next run at once instead of waiting out every attempt (6 attempts x ``github.timeout`` per
+commit). Six is one request's attempts (the first and its five retries), so one request that always fails (a
+compare GitHub cannot compute in time) never opens the breaker alone and cannot hold back everything else."""
+UNREADABLE_CAUSE = (
+    "GitHub answers 404: the repository does not exist or the token cannot read it (a private repository "
+    "outside the token's or the GitHub App installation's access, or an images.repositories rule or a repoURL "
+    "naming the wrong repository; devlake.include_gitops_commit: false leaves GitOps commits out)"
+)
 
 _SHA_PREFIX = re.compile(r"[0-9a-f]{4,40}")
 _SCP_LIKE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[^/].*)$")
@@ -67,12 +85,25 @@ class GitHubError(Exception):
 
 
 class CommitNotFound(GitHubError):
-    """The repository does not have this commit (or the repository does not exist / is not visible)."""
+    """The repository, which GitHub can read, does not have this commit; or ``ref`` is not a commit SHA at all.
 
-    def __init__(self, repo: str, ref: str, reason: str) -> None:
+    ``status`` is GitHub's answer (422 "No commit found for SHA", 404 while the repository is readable, ...);
+    ``None`` when nothing was asked because the reference or the repository name is not valid."""
+
+    def __init__(self, repo: str, ref: str, reason: str, status: int | None = None) -> None:
         super().__init__(f"{repo}@{ref}: {reason}")
         self.repo = repo
         self.ref = ref
+        self.status = status
+
+
+class RepositoryNotReadable(GitHubError):
+    """GitHub answers 404 for the repository itself: it does not exist or the token cannot read it. Fixing the
+    access (or the mapping) makes the same lookups work, so what needs them waits instead of losing commits."""
+
+    def __init__(self, repo: str) -> None:
+        super().__init__(f"repository {repo}: {UNREADABLE_CAUSE}")
+        self.repo = repo
 
 
 class RateLimited(GitHubError):
@@ -85,6 +116,10 @@ class RateLimited(GitHubError):
 
 class GitHubUnavailable(GitHubError):
     """GitHub cannot be used right now: server errors after retries, timeouts, bad credentials."""
+
+
+class GitHubDown(GitHubUnavailable):
+    """GitHub failed ``OUTAGE_ATTEMPTS`` attempts in a row: nothing more is asked of it this tick (logged once)."""
 
 
 class CommitCache(Protocol):
@@ -104,6 +139,17 @@ class Comparison:
     commits: tuple[Commit, ...]
     total: int
     truncated: bool
+
+    def find(self, ref: str) -> Commit | None:
+        """The commit ``ref`` (the compare's head, full or short SHA) among ``commits``, when it is certainly there:
+        a full SHA by equality, a short one only when the list is complete and exactly one commit starts with it."""
+        ref = ref.lower()
+        if FULL_SHA.fullmatch(ref):
+            return next((commit for commit in self.commits if commit.sha == ref), None)
+        if self.truncated:
+            return None
+        matches = [commit for commit in self.commits if commit.sha.startswith(ref)]
+        return matches[0] if len(matches) == 1 else None
 
 
 def repository_from_url(url: str, web_url: str) -> str | None:
@@ -161,6 +207,8 @@ class GitHubClient:
         self._seconds_between_requests = seconds_between_requests
         self._max_wait = config.max_rate_limit_wait.total_seconds()
         self._timeout = max(1, round(config.timeout.total_seconds()))
+        self._timeout_seconds = config.timeout.total_seconds() or float(self._timeout)
+        """What each request waits for; PyGithub only takes whole seconds, so it is set on its connection."""
         self._lock = threading.Lock()
         self._memo: dict[tuple[str, ...], Future[Any]] = {}
         self._idle: list[Github] = []
@@ -170,6 +218,9 @@ class GitHubClient:
         self._reset: datetime | None = None
         self._blocked: RateLimited | None = None
         """After a rate limit: no request is sent until its reset (or, when unknown, until the next tick)."""
+        self._breaker = _Breaker(OUTAGE_ATTEMPTS)
+        self._unreadable: dict[str, None] = {}
+        """Repositories GitHub answered 404 for this tick, in the order found."""
         self._auth = self._build_auth()
 
     # -- counters ------------------------------------------------------------------------------------
@@ -195,12 +246,23 @@ class GitHubClient:
         return self._reset
 
     def reset_tick(self) -> None:
-        """Forget this tick's lookups and request count; the store's caches stay."""
+        """Forget this tick's lookups, request count, unreadable repositories and outage; the store's caches stay."""
         with self._lock:
             self._memo.clear()
             self._requests = 0
+            self._unreadable.clear()
             if self._blocked is not None and self._blocked.reset_at is None:
                 self._blocked = None
+        self._breaker.reset()
+
+    def tick_problems(self) -> list[str]:
+        """What stopped GitHub work this tick and needs telling once: unreadable repositories, an outage."""
+        with self._lock:
+            problems = [f"GitHub repository {repo}: {UNREADABLE_CAUSE}" for repo in self._unreadable]
+        outage = self._breaker.reason
+        if outage is not None:
+            problems.append(outage)
+        return problems
 
     def _count_request(self) -> None:
         with self._lock:
@@ -235,7 +297,10 @@ class GitHubClient:
         return self._once(("short", repo, sha), lambda: self._commit_short(repo, sha))
 
     def compare(self, repo: str, base: str, head: str, limit: int) -> Comparison:
-        """Commits in ``head`` and not in ``base``, oldest first, at most ``limit`` of them."""
+        """Commits in ``head`` and not in ``base``, oldest first, at most ``limit`` of them; ``head`` included when
+        it is ahead. ``head`` may be a short SHA: GitHub resolves it, and when the answer shows its full SHA the
+        comparison is cached as that of the full SHA. Every commit returned answers later ``commit()`` calls of
+        this tick without a request."""
         repo = _check_repo(repo)
         base, head = base.strip().lower(), head.strip().lower()
         for ref in (base, head):
@@ -270,6 +335,14 @@ class GitHubClient:
             raise GitHubUnavailable("unexpected /rate_limit response") from None
 
     # -- single flight -------------------------------------------------------------------------------
+
+    def _known(self, key: tuple[str, ...]) -> Any:
+        """The value the memo already holds for ``key``, else ``None``."""
+        with self._lock:
+            future = self._memo.get(key)
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
 
     def _once(self, key: tuple[str, ...], compute: Callable[[], T]) -> T:
         if not self._per_tick_memo:
@@ -309,6 +382,7 @@ class GitHubClient:
             commit = self._decode_commit(cached, repo)
             if commit is not None:
                 return commit
+        self._check_readable(repo)
         commit = self._to_commit(repo, self._fetch_commit(repo, sha), sha)
         self._cache_put("commit", {key: commit.to_json()})
         return commit
@@ -318,6 +392,7 @@ class GitHubClient:
         full = self._cache_get("short_sha", [key]).get(key)
         if full is not None and FULL_SHA.fullmatch(full):
             return self._once(("commit", repo, full), lambda: self._commit_full(repo, full))
+        self._check_readable(repo)
         commit = self._to_commit(repo, self._fetch_commit(repo, short), short)
         if not commit.sha.startswith(short):
             raise CommitNotFound(repo, short, f"GitHub answered with commit {commit.sha}")
@@ -335,7 +410,8 @@ class GitHubClient:
                 raw: dict[str, Any] = fetched.raw_data
                 return raw
         except Exception as error:
-            raise self._translate(error, repo, ref) from None
+            translated = self._translate(error, repo, ref)
+        raise self._confirm_missing(translated) from None
 
     def _to_commit(self, repo: str, raw: Any, ref: str) -> Commit:
         try:
@@ -360,12 +436,20 @@ class GitHubClient:
     # -- compare -------------------------------------------------------------------------------------
 
     def _compare(self, repo: str, base: str, head: str, limit: int) -> Comparison:
+        if not FULL_SHA.fullmatch(head):
+            full = self._full_sha_of(repo, head)
+            if full is not None:
+                return self._once(
+                    ("compare", repo, base, full, str(limit)), lambda: self._compare(repo, base, full, limit)
+                )
         cacheable = bool(FULL_SHA.fullmatch(base) and FULL_SHA.fullmatch(head))
         key = f"{repo}:{base}...{head}"
         if cacheable:
             cached = self._cached_comparison(repo, key, limit)
             if cached is not None:
+                self._remember_commits(repo, cached.commits)
                 return cached
+        self._check_readable(repo)
         try:
             with self._github() as gh:
                 comparison = gh.get_repo(repo).compare(base, head)
@@ -381,7 +465,8 @@ class GitHubClient:
         except GitHubError:
             raise
         except Exception as error:
-            raise self._translate(error, repo, f"{base}...{head}") from None
+            translated = self._translate(error, repo, f"{base}...{head}")
+            raise self._confirm_missing(translated) from None
         result = Comparison(status=status, commits=tuple(commits), total=total, truncated=len(commits) < total)
         if status == "diverged":
             log.warning(
@@ -390,10 +475,30 @@ class GitHubClient:
             )
         if commits:
             self._cache_put("commit", {f"{repo}@{c.sha}": c.to_json() for c in commits})
+            self._remember_commits(repo, commits)
+        if not cacheable and FULL_SHA.fullmatch(base) and (found := result.find(head)) is not None:
+            # A short head GitHub resolved: remember its full SHA, and this comparison as that of the full SHA.
+            self._cache_put("short_sha", {f"{repo}@{head}": found.sha})
+            self._remember(("short", repo, head), found)
+            self._remember(("compare", repo, base, found.sha, str(limit)), result)
+            key, cacheable = f"{repo}:{base}...{found.sha}", True
         if cacheable:
             entry = {"v": CACHE_VERSION, "status": status, "total": total, "shas": [c.sha for c in commits]}
             self._cache_put("compare", {key: json.dumps(entry, separators=(",", ":"))})
         return result
+
+    def _full_sha_of(self, repo: str, short: str) -> str | None:
+        """The full SHA of ``short`` already learnt (this tick, or cached), else ``None``."""
+        known = self._known(("short", repo, short))
+        if isinstance(known, Commit):
+            return known.sha
+        key = f"{repo}@{short}"
+        full = self._cache_get("short_sha", [key]).get(key)
+        return full if full is not None and FULL_SHA.fullmatch(full) else None
+
+    def _remember_commits(self, repo: str, commits: Sequence[Commit]) -> None:
+        for commit in commits:
+            self._remember(("commit", repo, commit.sha), commit)
 
     def _cached_comparison(self, repo: str, key: str, limit: int) -> Comparison | None:
         text = self._cache_get("compare", [key]).get(key)
@@ -449,12 +554,56 @@ class GitHubClient:
         self._cache_put("repo_of", {sha: found[0]})
         return found[0]
 
+    # -- readable repositories -----------------------------------------------------------------------
+
+    def _check_readable(self, repo: str) -> None:
+        """Refuse at once, without a request, a repository already found unreadable this tick."""
+        with self._lock:
+            unreadable = repo in self._unreadable
+        if unreadable:
+            raise RepositoryNotReadable(repo)
+
+    def _confirm_missing(self, error: GitHubError) -> GitHubError:
+        """A 404 for a commit or a compare is "not found" only if GitHub can read the repository itself."""
+        if not isinstance(error, CommitNotFound) or error.status != 404:
+            return error
+        repo = error.repo
+        if self._once(("repository", repo), lambda: self._readable(repo)):
+            return error
+        return RepositoryNotReadable(repo)
+
+    def _readable(self, repo: str) -> bool:
+        try:
+            with self._github() as gh:
+                gh.get_repo(repo).complete()
+        except GithubException as error:
+            if error.status != 404:
+                raise self._translate(error, None, None) from None
+        except GitHubError:
+            raise
+        except Exception as error:
+            raise self._translate(error, None, None) from None
+        else:
+            return True
+        with self._lock:
+            first = repo not in self._unreadable
+            self._unreadable[repo] = None
+        if first:
+            log.error(
+                "GitHub cannot read a repository; what needs it is held back until it can",
+                extra={"repository": repo, "reason": UNREADABLE_CAUSE},
+            )
+        return False
+
     # -- errors --------------------------------------------------------------------------------------
 
     def _translate(self, error: BaseException, repo: str | None, ref: str | None) -> GitHubError:
         """Map whatever PyGithub, requests or urllib3 raised to one of this module's errors."""
         if isinstance(error, GitHubError):
             return error
+        outage = self._breaker.reason
+        if outage is not None and not isinstance(error, GithubException):
+            return GitHubDown(outage)
         if isinstance(error, GithubException):
             headers = error.headers or {}
             self._observe_headers(headers)
@@ -472,7 +621,7 @@ class GitHubClient:
                 and ref is not None
                 and (isinstance(error, UnknownObjectException) or 400 <= status < 500)
             ):
-                return CommitNotFound(repo, ref, f"HTTP {status}: {message}")
+                return CommitNotFound(repo, ref, f"HTTP {status}: {message}", status)
             return GitHubUnavailable(f"HTTP {status}: {message}")
         if isinstance(error, requests.exceptions.RetryError):
             text = str(error)
@@ -495,6 +644,9 @@ class GitHubClient:
         return limited
 
     def _check_blocked(self) -> None:
+        outage = self._breaker.reason
+        if outage is not None:
+            raise GitHubDown(outage)
         with self._lock:
             blocked = self._blocked
             if blocked is not None and blocked.reset_at is not None and blocked.reset_at <= datetime.now(UTC):
@@ -525,6 +677,7 @@ class GitHubClient:
             max_wait=self._max_wait,
             total=self._retries,
             backoff_factor=self._backoff_factor,
+            breaker=self._breaker,
             secondary_rate_wait=SECONDARY_RATE_WAIT,
             max_rate_limit_wait=self._max_wait,
         )
@@ -551,6 +704,7 @@ class GitHubClient:
         adapter = _CountingAdapter(
             on_attempt=self._count_request,
             on_response=self._observe_headers,
+            breaker=self._breaker,
             max_retries=connection.retry,
             pool_connections=connection.pool_size,
             pool_maxsize=connection.pool_size,
@@ -558,6 +712,7 @@ class GitHubClient:
         connection.session.mount("https://", adapter)
         connection.session.mount("http://", adapter)
         connection.adapter = adapter
+        connection.timeout = self._timeout_seconds
 
     def _build_auth(self) -> Auth.Auth | None:
         config = self.config
@@ -654,6 +809,56 @@ class _InstallationToken(Auth.Auth):
         return "_InstallationToken()"
 
 
+class _Breaker:
+    """The per-tick circuit breaker: opens after ``threshold`` failed attempts in a row over at least two
+    different requests, and stays open until ``reset()``. Thread-safe; logs once when it opens."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._lock = threading.Lock()
+        self._streak = 0
+        self._requests: set[str] = set()
+        self._reason: str | None = None
+        self._local = threading.local()
+
+    @property
+    def reason(self) -> str | None:
+        """Why GitHub counts as down for the rest of the tick, or ``None`` while it does not."""
+        return self._reason
+
+    def begin(self) -> None:
+        """A request starts on this thread."""
+        self._local.failures = 0
+
+    def recorded(self) -> bool:
+        """Whether an attempt of this thread's current request was already counted as failed."""
+        return bool(getattr(self._local, "failures", 0))
+
+    def failure(self, request: str, why: str) -> None:
+        self._local.failures = getattr(self._local, "failures", 0) + 1
+        with self._lock:
+            self._streak += 1
+            self._requests.add(request)
+            if self._reason is not None or self._streak < self.threshold or len(self._requests) < 2:
+                return
+            self._reason = (
+                f"GitHub is not answering ({self._streak} attempts in a row failed, the last: {why}); "
+                "the rest of this run's GitHub work waits for the next run"
+            )
+        log.error("GitHub is down for the rest of this run", extra={"reason": self._reason})
+
+    def success(self) -> None:
+        with self._lock:
+            self._streak = 0
+            self._requests.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._streak = 0
+            self._requests.clear()
+            self._reason = None
+
+
 class _CountingRetry(GithubRetry):
     """``GithubRetry`` that counts every retried attempt, sleeps through an injectable function and never waits
     longer than ``max_wait`` (a ``Retry-After`` above it raises ``RateLimitExceededExceedsMaxWait``)."""
@@ -665,12 +870,14 @@ class _CountingRetry(GithubRetry):
         on_response: Callable[[Mapping[str, Any]], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         max_wait: float | None = None,
+        breaker: _Breaker | None = None,
         **kwargs: Any,
     ) -> None:
         self._on_attempt = on_attempt
         self._on_response = on_response
         self._sleep_function = sleep
         self._max_wait = max_wait
+        self._breaker = breaker
         super().__init__(**kwargs)
 
     def new(self, **kw: Any) -> _CountingRetry:
@@ -678,6 +885,7 @@ class _CountingRetry(GithubRetry):
         kw.setdefault("on_response", self._on_response)
         kw.setdefault("sleep", self._sleep_function)
         kw.setdefault("max_wait", self._max_wait)
+        kw.setdefault("breaker", self._breaker)
         return super().new(**kw)
 
     def increment(  # type: ignore[override]
@@ -689,6 +897,11 @@ class _CountingRetry(GithubRetry):
         _pool: Any = None,
         _stacktrace: TracebackType | None = None,
     ) -> Retry:
+        if self._breaker is not None:
+            if error is not None or (response is not None and response.status >= 500):
+                self._breaker.failure(_request_path(url), _failure(error, response))
+            if self._breaker.reason is not None:  # GitHub is down: no more attempts, no more waiting
+                raise MaxRetryError(_pool, url or "", error or ResponseError(self._breaker.reason))
         if response is not None:
             self._check_primary_limit(response)
         retry = super().increment(method, url, response, error, _pool, _stacktrace)
@@ -727,24 +940,47 @@ class _CountingRetry(GithubRetry):
 
 
 class _CountingAdapter(HTTPAdapter):
-    """Counts each request handed to the transport and reads rate-limit headers off each response."""
+    """Counts each request handed to the transport, reads rate-limit headers off each response, and tells the
+    breaker how each request ended (attempts that the retry already counted as failed are not counted twice)."""
 
     def __init__(
         self,
         *,
         on_attempt: Callable[[], None],
         on_response: Callable[[Mapping[str, Any]], None],
+        breaker: _Breaker,
         **kwargs: Any,
     ) -> None:
         self._on_attempt = on_attempt
         self._on_response = on_response
+        self._breaker = breaker
         super().__init__(**kwargs)
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         self._on_attempt()
-        response = super().send(request, *args, **kwargs)
+        self._breaker.begin()
+        try:
+            response = super().send(request, *args, **kwargs)
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            if not self._breaker.recorded():
+                self._breaker.failure(_request_path(request.path_url), _failure(error, None))
+            raise
         self._on_response(response.headers)
+        if response.status_code < 500:
+            self._breaker.success()
+        elif not self._breaker.recorded():
+            self._breaker.failure(_request_path(request.path_url), f"HTTP {response.status_code}")
         return response
+
+
+def _request_path(url: str | None) -> str:
+    return urlsplit(url or "").path
+
+
+def _failure(error: BaseException | None, response: Any) -> str:
+    if error is not None:
+        return type(error).__name__
+    return f"HTTP {getattr(response, 'status', '?')}"
 
 
 def _check_repo(repo: str) -> str:

@@ -14,8 +14,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 REDACTED = "[REDACTED]"
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _NOISY_LIBRARIES = ("urllib3", "github", "kubernetes", "apscheduler", "requests", "redis")
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/@:\"']*:)[^\s/@\"']+@")
-"""The password of ``scheme://user:password@host`` in any URL, whoever wrote it into a message."""
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>]+@")
+"""The user information of any URL (``scheme://user:password@host``, and ``scheme://TOKEN@host``: Git hosts take
+a token as the user name), whoever wrote it into a message. All of it goes: a user name can be the secret."""
 _MIN_SECRET_LENGTH = 4
 
 
@@ -43,8 +44,8 @@ class Redactor:
     """Replaces every known secret value in a rendered line, whatever path it took to get there.
 
     A secret is also looked for in its JSON-escaped forms (a PEM key's newlines become ``\\n`` in a JSON log
-    line) and line by line for multi-line secrets; passwords in ``scheme://user:password@host`` URLs are
-    masked whether or not they are known.
+    line) and line by line for multi-line secrets; the user information of every URL
+    (``scheme://user:password@host``, ``scheme://TOKEN@host``) is masked whether or not it is known.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -66,7 +67,7 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+        return _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
 
     def __repr__(self) -> str:
         return f"Redactor({len(self._secrets)} secret form(s))"

@@ -1,6 +1,6 @@
 """The pure decision: what did one Application deploy since its last snapshot, and was it a success?
 
-``plan(observation, snapshot, now, policy)`` applies DESIGN.md §3 in order and returns the deployments to
+``plan(observation, snapshot, now, policy)`` applies ``docs/design.md`` §3 in order and returns the deployments to
 deliver, oldest first, each carrying the snapshot to store once it has been delivered. No I/O and no clock:
 the only time is ``now``.
 
@@ -21,7 +21,7 @@ and never sends one twice):
 * ``last_seen`` is when the snapshot last changed: when nothing else would change, the input snapshot is
   returned as is, so a quiet tick writes nothing to the store.
 
-Choices where DESIGN.md is silent:
+Choices ``docs/design.md`` §3 leaves open:
 
 * Health verdicts need a fresh status (``reconciledAt`` at or after ``deployedAt``, 1 s tolerance). Once fresh,
   ``Healthy`` is accepted whatever ``lastTransitionTime`` says: freshness is what the catalog's time clauses
@@ -107,7 +107,7 @@ class Plan:
 
 
 def plan(observation: AppObservation, snapshot: Snapshot | None, now: datetime, policy: PlannerPolicy) -> Plan:
-    """Decide the deployments of one Application since ``snapshot`` (DESIGN.md §3, rules applied in order)."""
+    """Decide the deployments of one Application since ``snapshot`` (``docs/design.md`` §3, rules applied in order)."""
     return _Planner(observation, snapshot, now, policy).run()
 
 

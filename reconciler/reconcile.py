@@ -64,7 +64,7 @@ class Reconciler:
         self.config = config
         self.store = store
         self.github = github
-        self.enricher = Enricher(config, github)
+        self.enricher = Enricher(config, github, clock=clock)
         self.deliverer = Deliverer(config, store, devlake, metrics=metrics, dry_run_output=dry_run_output, clock=clock)
         self.lister_factory = lister_factory
         self.clock = clock
@@ -114,9 +114,15 @@ class Reconciler:
                 summary.errors.append(f"state store unavailable: {error}")
                 log.error("state store unavailable; stopping the tick", extra={"reason": str(error)})
                 break
+            except Exception as error:
+                # A bug or an unforeseen failure in one cluster holds back what is left of that cluster only.
+                reason = f"unexpected {type(error).__name__}: {error}"
+                summary.errors.append(f"cluster {cluster.name}: {reason}")
+                log.error("cluster failed", exc_info=True, extra={"cluster": cluster.name, "reason": reason})
         if lock_lost():
             summary.errors.append("the run lock was lost: stopped sending, the rest is left to the next run")
         summary.github_requests = self.github.requests
+        summary.errors.extend(self.github.tick_problems())
         summary.rate_limit_remaining = self.github.rate_limit_remaining
         reset = self.github.rate_limit_reset
         summary.rate_limit_reset = format_time(reset) if reset else None
@@ -147,6 +153,7 @@ class Reconciler:
             )
             listed = split.listed
             seen.update(listed)
+            seen.update(split.unreadable)
             summary.apps_listed += len(listed)
             summary.apps_malformed += split.malformed
             self._process_page(split.changed, policy, now, tick, summary)
@@ -177,7 +184,12 @@ class Reconciler:
         busy: list[AppWork] = []
         for observation, stored, digest in changed:
             snapshot = for_planning(stored)
-            app_plan = plan(observation, snapshot, now, policy)
+            try:
+                app_plan = plan(observation, snapshot, now, policy)
+            except Exception as error:
+                log.exception("could not plan the application; retrying next run", extra={"app": str(observation.key)})
+                summary.errors.append(f"{observation.key}: internal error while planning ({type(error).__name__})")
+                continue
             for note in app_plan.notes:
                 log.info(note, extra={"app": str(observation.key)})
             if app_plan.snapshot.pending is not None:
@@ -239,6 +251,7 @@ def _count(summary: RunSummary, result: AppResult) -> None:
     summary.deployments_failed += result.failed
     summary.deployments_skipped += result.skipped
     summary.deployments_deferred += result.deferred
+    summary.deployments_held_unreadable += result.held_unreadable
     summary.deployments_deduplicated += result.deduplicated
     summary.sent += result.sent
     summary.retry_later += result.retry_later

@@ -89,6 +89,8 @@ class RunSummary:
     deployments_pending: int = 0
     deployments_skipped: int = 0
     deployments_deferred: int = 0
+    deployments_held_unreadable: int = 0
+    """Of the deferred: held back because GitHub cannot read a repository they need (named in ``errors``)."""
     deployments_deduplicated: int = 0
     sent: int = 0
     retry_later: int = 0

@@ -229,13 +229,15 @@ def run_pass(
     progress: Callable[[RunSummary], None] | None = None,
     dry_run_output: TextIO | None = None,
     publish: Callable[[], object] | None = None,
+    on_store_reached: Callable[[Store], object] | None = None,
 ) -> PassResult:
     """One pass: lock, reconcile, record the summary, count it in ``metrics`` and ``publish`` them (``run``
     pushes them to a Pushgateway), then log the summary line. Never raises for what a pass can meet (the state
     store down, another run holding the lock): those end it with exit code 1 or 3.
 
     Raises ``UnknownCluster`` (nothing was done) for a ``--cluster`` not configured. A ``ProgressReporter``
-    passed as ``progress`` is closed before the summary line."""
+    passed as ``progress`` is closed before the summary line; ``on_store_reached`` is called once the state
+    store answered (``run`` warns there when Redis may evict the state)."""
 
     def finished(code: int, summary: RunSummary | None = None) -> PassResult:
         if metrics is not None:
@@ -253,6 +255,8 @@ def run_pass(
     except StoreUnavailable as error:
         store_unavailable_at_start(error)
         return finished(exitcodes.RETRY)
+    if on_store_reached is not None:
+        on_store_reached(store)
     clusters = selected_clusters(runtime.config, options)
     run_id = uuid.uuid4().hex[:12]
     reconciler = runtime.reconciler(dry_run_output=dry_run_output, metrics=metrics, stop=stop, progress=progress)

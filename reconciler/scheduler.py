@@ -25,7 +25,7 @@ from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
 from reconciler.run import RunOptions, RunSummary
 from reconciler.runtime import Runtime, progress_reporter, run_pass
-from reconciler.store import StoreUnavailable
+from reconciler.store import StoreUnavailable, warn_if_state_can_be_evicted
 
 log = logging.getLogger(__name__)
 
@@ -279,4 +279,5 @@ def serve(config: Config) -> int:
     except StoreUnavailable as error:
         log.error("state store unavailable; cannot serve", extra={"reason": str(error)})
         return exitcodes.RETRY
+    warn_if_state_can_be_evicted(service.runtime.store)
     return service.run()

@@ -114,6 +114,8 @@ class PageSplit:
     changed: list[Changed] = field(default_factory=list)
     unchanged: list[AppKey] = field(default_factory=list)
     """Selected Applications whose digest equals the one stored: not parsed."""
+    unreadable: list[AppKey] = field(default_factory=list)
+    """Malformed Applications whose key could be read: listed, so not taken for deleted."""
     malformed: int = 0
 
     @property
@@ -150,11 +152,17 @@ def split_page(
         stored = item.snapshot() if item is not None else None
         try:
             observation = parse_application(raw, cluster)
-        except MalformedApplication as error:
+        except Exception as error:
+            # Listed but unreadable is not deleted: its snapshot stays until it can be read again.
+            if key is not None:
+                split.unreadable.append(key)
             split.malformed += 1
+            unexpected = not isinstance(error, MalformedApplication)
+            reason = f"unexpected {type(error).__name__}: {error}" if unexpected else str(error)
             log.warning(
                 "skipping malformed application",
-                extra={"cluster": cluster, "app": _raw_name(raw), "reason": str(error)},
+                exc_info=unexpected,
+                extra={"cluster": cluster, "app": _raw_name(raw), "reason": reason},
             )
             continue
         if key is None and not selected(observation.key):

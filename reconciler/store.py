@@ -18,6 +18,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -87,6 +88,68 @@ class Store(Protocol):
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
     def add_run_summary(self, summary: Mapping[str, Any]) -> None: ...
     def run_summaries(self, limit: int = 20) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """Redis's ``maxmemory-policy`` and ``maxmemory`` (0: no limit); ``None`` with ``unreadable`` when Redis would
+    not say.
+
+    Only ``allkeys-*`` policies can evict the state (snapshots, markers and the initialisation time carry no
+    TTL): an evicted snapshot is a silent re-baseline — the deployments since the last run are never sent — and
+    an evicted sent marker a duplicate. ``volatile-*`` policies evict keys with a TTL only, the run locks here:
+    a run that loses its lock stops at its next renewal, and a full Redis refuses writes, which fails loudly.
+    """
+
+    policy: str | None
+    maxmemory: int | None
+    unreadable: str = ""
+
+    @property
+    def evicts_state(self) -> bool:
+        """The state can be evicted now: an ``allkeys-*`` policy under a memory limit."""
+        return self.policy is not None and self.policy.startswith("allkeys-") and bool(self.maxmemory)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this policy can lose state, or ``None`` when it cannot (as far as Redis said)."""
+        if self.policy is None or not self.policy.startswith("allkeys-"):
+            return None
+        harm = (
+            "an evicted snapshot is a silent re-baseline (the deployments since the last run are never sent) "
+            "and an evicted sent marker a duplicate; set maxmemory-policy noeviction"
+        )
+        if self.evicts_state:
+            when = f"with maxmemory {self.maxmemory} bytes evicts any key when full"
+        else:
+            when = "will evict any key once a maxmemory is set"
+        return f"maxmemory-policy {self.policy} {when}: {harm}"
+
+    def describe(self) -> str:
+        if self.policy is None:
+            return f"maxmemory-policy unknown ({self.unreadable}): make sure it is noeviction"
+        limit = f", maxmemory {self.maxmemory} bytes" if self.maxmemory else ""
+        return f"maxmemory-policy {self.policy}{limit}"
+
+
+def state_eviction(store: Store) -> Eviction | None:
+    """The eviction policy of a Redis store; ``None`` for SQLite, which evicts nothing."""
+    return store.eviction() if isinstance(store, RedisStore) else None
+
+
+def warn_if_state_can_be_evicted(store: Store) -> None:
+    """At the start of ``run`` and ``serve``: a warning when Redis may evict the state. Never fails the run."""
+    try:
+        eviction = state_eviction(store)
+    except StoreUnavailable as error:
+        log.info("could not read Redis's maxmemory-policy", extra={"reason": str(error)})
+        return
+    if eviction is None:
+        return
+    if eviction.problem is not None:
+        log.warning("Redis may evict the state", extra={"reason": eviction.problem})
+    elif eviction.policy is None:
+        log.info("could not read Redis's maxmemory-policy", extra={"reason": eviction.describe()})
 
 
 def open_store(state: StateConfig) -> Store:
@@ -244,16 +307,18 @@ class RedisStore:
     def __init__(self, url: str, key_prefix: str, *, retries: int = CONNECTION_RETRIES) -> None:
         self.key_prefix = key_prefix
         self._safe_url, self._secrets = _redact_url(url)
+        # TCP keepalive is a TCP socket option: the unix-socket connection refuses the argument (redis-py 8).
+        tcp: dict[str, Any] = {} if url.startswith("unix://") else {"socket_keepalive": True}
         try:
             self.client: redis.Redis = redis.Redis.from_url(
                 url,
                 decode_responses=True,
                 socket_timeout=SOCKET_TIMEOUT_SECONDS,
                 socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
-                socket_keepalive=True,
                 health_check_interval=30,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries),
                 client_name="dora-reconciler",
+                **tcp,
             )
         except ValueError as error:
             raise StoreUnavailable(f"invalid Redis URL {self._safe_url}: {self._scrub(str(error))}") from None
@@ -299,6 +364,27 @@ class RedisStore:
     def ping(self) -> None:
         with self._guard("ping"):
             self.client.ping()
+
+    def eviction(self) -> Eviction:
+        """What Redis does when its memory is full, from ``INFO memory`` or else ``CONFIG GET`` (managed services
+        often refuse one or both: then the policy is unknown). Raises ``StoreUnavailable`` if Redis is not reached."""
+        refusals: list[str] = []
+        with self._guard("read maxmemory-policy"):
+            try:
+                info = self.client.info("memory")
+                if "maxmemory_policy" in info:
+                    return Eviction(str(info["maxmemory_policy"]), int(info.get("maxmemory") or 0))
+                refusals.append("INFO memory has no maxmemory_policy")
+            except redis.ResponseError as error:
+                refusals.append(f"INFO refused: {self._scrub(str(error))}")
+            try:
+                values = self.client.config_get("maxmemory*")
+                if "maxmemory-policy" in values:
+                    return Eviction(str(values["maxmemory-policy"]), int(values.get("maxmemory") or 0))
+                refusals.append("CONFIG GET returned no maxmemory-policy")
+            except redis.ResponseError as error:
+                refusals.append(f"CONFIG GET refused: {self._scrub(str(error))}")
+        return Eviction(None, None, "; ".join(refusals))
 
     def close(self) -> None:
         with suppress(redis.RedisError):

@@ -1,6 +1,6 @@
 """Builders of realistic Argo CD ``Application`` dicts, as the Kubernetes API returns them.
 
-The shapes follow a v3.2-v3.5 controller (``reference/argocd.md`` §1 and §8): camelCase keys, RFC 3339
+The shapes follow a v3.2-v3.5 controller (the fields ``docs/design.md`` §3 reads): camelCase keys, RFC 3339
 ``Z`` timestamps with one-second precision, ``resourceHealthSource: appTree`` (no per-resource health),
 ``syncResult.resources[].images`` on operations, ``{"repoURL": ""}`` as the ``source`` of multi-source
 history entries, and a top-level ``operation`` only while a sync is requested or running.
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 T0 = datetime(2025, 6, 3, 9, 0, 0, tzinfo=UTC)
-"""The reference instant of the examples (reference/argocd.md §8 uses 2025-05 and 2025-06)."""
+"""The instant the examples are dated around (May and June 2025)."""
 
 DEFAULT_REPO = "https://github.com/acme/gitops.git"
 SIDECAR = "docker.io/library/busybox:1.36.1"

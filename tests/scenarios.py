@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reconciler.model import AppKey, deployment_id
 from tests import factories
 from tests.world import World
 
@@ -86,3 +87,24 @@ def three_deployments_waiting(world: World, *names: str) -> None:
     for i in (1, 2, 3):
         apps = [deploy(app, i, gitops[i], images[i]) for app in apps]
     world.set_apps(apps)
+
+
+class Deploys:
+    """The payments app of ``World``: a baseline, then one new deployment per call of ``next()``."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.gitops = world.github.add_commits("acme/gitops", 4)
+        self.images = world.github.add_commits("acme/payments-api", 4)
+        self.app = settled_app("payments-api", self.gitops[0], self.images[0])
+        self.history_id = 0
+        world.set_apps([self.app])
+
+    def next(self) -> str:
+        """Deploy the next commit; the deployment id the next run should send."""
+        self.history_id += 1
+        n = self.history_id
+        self.app = new_deployment(self.app, n, self.gitops[n], self.images[n], minute=30 * n)
+        self.world.set_apps([self.app])
+        key = AppKey("prod-east", "argocd", "payments-api")
+        return deployment_id(key, factories.fake_uid("argocd/payments-api"), f"h{n}")

@@ -1,4 +1,4 @@
-"""Tests for ``reconciler.application``: realistic Applications (reference/argocd.md §8), the corpus, fuzzing."""
+"""Tests for ``reconciler.application``: realistic Applications, the corpus, fuzzing."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def ts(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-# --- realistic Applications, written after reference/argocd.md §8 -----------------------------------------
+# --- realistic Applications, as a v3.2-v3.5 controller writes them ----------------------------------------
 
 PAYMENTS_SHA = "7c1e4b2a9f0d3c8e6b5a4d3c2b1a0f9e8d7c6b5a"
 GITOPS = "https://github.com/acme/payments-gitops.git"
 
 
 def payments_api() -> dict[str, Any]:
-    """Example 1: first deployment, single source, automated, v3.x controller with images in syncResult."""
+    """First deployment, single source, automated, v3.x controller with images in syncResult."""
     source = {"repoURL": GITOPS, "path": "apps/payments-api/overlays/prod", "targetRevision": "main"}
     return {
         "apiVersion": "argoproj.io/v1alpha1",
@@ -151,7 +151,7 @@ VALUES_SHA = "d3d52c6f0e9b8a7c6d5e4f3a2b1c0d9e8f7a6b5c"
 
 
 def search_platform() -> dict[str, Any]:
-    """Example 7: multi-source, Helm chart version plus a ``ref: values`` git repository."""
+    """Multi-source, Helm chart version plus a ``ref: values`` git repository."""
     sources = [
         {
             "repoURL": "https://charts.acme.io",
@@ -255,7 +255,7 @@ CHECKOUT_NEW = "dc43d94b7a1e5f2c8d0b3a6e9f1c4d7a2b5e8f0c"
 
 
 def checkout_service() -> dict[str, Any]:
-    """Example 3: auto-sync failed after two retries; a PreSync migration Job failed; history unchanged."""
+    """Auto-sync failed after two retries; a PreSync migration Job failed; history unchanged."""
     source = {"repoURL": "https://github.com/acme/checkout-gitops.git", "path": "prod", "targetRevision": "HEAD"}
     return {
         "apiVersion": "argoproj.io/v1alpha1",
@@ -332,7 +332,7 @@ ORDERS_NEW = "769772b0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6"
 
 
 def orders_api(*, retrying: bool = False) -> dict[str, Any]:
-    """Example 6 (in progress) or, with ``retrying``, §5.3: ``Running`` with ``finishedAt`` set."""
+    """In progress or, with ``retrying``, an auto-sync retry: ``Running`` with ``finishedAt`` set."""
     source = {"repoURL": "https://github.com/acme/orders-gitops.git", "path": "deploy/prod", "targetRevision": "main"}
     state: dict[str, Any] = {
         "operation": {
@@ -405,7 +405,7 @@ def orders_api(*, retrying: bool = False) -> dict[str, Any]:
 
 
 def storefront_preview_deleting() -> dict[str, Any]:
-    """Example 10: a PR preview being deleted, owned by an ApplicationSet."""
+    """A PR preview being deleted, owned by an ApplicationSet."""
     source = {
         "repoURL": "https://github.com/acme/storefront.git",
         "path": "deploy/preview",
@@ -475,7 +475,7 @@ def storefront_preview_deleting() -> dict[str, Any]:
 
 
 def billing_worker_never_synced() -> dict[str, Any]:
-    """Example 11: created by an ApplicationSet, never synced."""
+    """Created by an ApplicationSet, never synced."""
     return {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Application",
@@ -507,7 +507,7 @@ def billing_worker_never_synced() -> dict[str, Any]:
 
 
 def storefront_web() -> dict[str, Any]:
-    """Example 8: an Application in a non-``argocd`` namespace, destination by cluster name, Kustomize images."""
+    """An Application in a non-``argocd`` namespace, destination by cluster name, Kustomize images."""
     revision = "8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b"
 
     def source(tag: str) -> dict[str, Any]:
@@ -599,7 +599,7 @@ def storefront_web() -> dict[str, Any]:
 
 
 def ledger_api_rollback() -> dict[str, Any]:
-    """Example 12: a manual rollback to id 5's revision recorded as id 7."""
+    """A manual rollback to id 5's revision recorded as id 7."""
     good, bad = "1f99ebc0a2b3c4d5e6f708192a3b4c5d6e7f8091", "b2316b0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
     source = {"repoURL": "https://github.com/acme/ledger-gitops.git", "path": "prod", "targetRevision": "main"}
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from collections.abc import Iterator
@@ -11,9 +12,17 @@ from typing import Any
 import pytest
 from kubernetes.client import Configuration
 
-from reconciler.argocd import ATTEMPTS, MAX_RESTARTS, ClusterLister, ClusterUnavailable, build_api_client
+from reconciler.application import MalformedApplication, UnreadableApplication, parse_application
+from reconciler.argocd import (
+    ATTEMPTS,
+    MAX_RESTARTS,
+    ClusterLister,
+    ClusterUnavailable,
+    build_api_client,
+    decode_page,
+)
 from reconciler.config import ClusterConfig
-from tests.fakes.kube_api import FakeKubeAPI
+from tests.fakes.kube_api import EncodedApp, FakeKubeAPI
 
 SECRET_TOKEN = "s3cr3t-bearer-0123456789abcdef"
 
@@ -415,6 +424,69 @@ def test_malformed_items_are_not_repeated_after_a_restart(
     assert len(items) == 4
 
 
+def test_an_item_nested_too_deeply_stands_in_its_page_as_unreadable_and_paging_goes_on(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    deep = EncodedApp.nested(app("deep"), ["spec", "source", "helm", "valuesObject"], 5_000)
+    api.set_apps([app("after"), app("before"), deep, app("last")])
+
+    pages = list(make_lister(kubeconfig, sleeps, page_size=3).pages())
+
+    assert [len(page) for page in pages] == [3, 1]
+    assert names(pages) == ["after", "before", "deep", "last"]
+    unreadable = pages[0][2]
+    assert isinstance(unreadable, UnreadableApplication)
+    assert unreadable == {"metadata": {"namespace": "argocd", "name": "deep"}}
+    assert (
+        unreadable.reason
+        == "nested 5004 levels deep (deepest under spec.source.helm.valuesObject…): too deep to be read"
+    )
+    assert pages[0][:2] == [app("after"), app("before")], "the other items are decoded as they were"
+    with pytest.raises(MalformedApplication) as raised:
+        parse_application(unreadable, "prod-east")
+    assert raised.value.app == "argocd/deep" and raised.value.reason == unreadable.reason
+
+
+def test_decode_page_walks_without_recursion_and_names_what_it_can() -> None:
+    deep = "[" * 3_000 + "]" * 3_000
+    text = json.dumps({"kind": "ApplicationList", "metadata": {"continue": "t"}, "items": ["@", {"x": 1}, 7]})
+    page = decode_page(text.replace('"@"', '{"spec": {"a": ' + deep + "}}").encode())
+
+    assert page["kind"] == "ApplicationList" and page["metadata"] == {"continue": "t"}
+    first, second, third = page["items"]
+    assert isinstance(first, UnreadableApplication) and first == {}, "no metadata to keep"
+    assert first.reason == "nested 3002 levels deep (deepest under spec.a[0][0]…): too deep to be read"
+    assert (second, third) == ({"x": 1}, 7)
+    escaped = r'{"items": [{"metadata": {"name": "q\"}[", "namespace": "n"}, "s": ' + deep + "}]}"
+    (item,) = decode_page(escaped)["items"]
+    assert item == {"metadata": {"name": 'q"}[', "namespace": "n"}}, "strings with brackets and escapes are skipped"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"metadata": ' + "[" * 3_000 + "]" * 3_000 + ', "items": []}',
+        '{"items": [' + "[" * 3_000,
+        '{"items": [' + "[" * 3_000 + "]" * 3_000 + "}",
+    ],
+    ids=["list-metadata-too-deep", "truncated", "unbalanced"],
+)
+def test_decode_page_refuses_what_is_not_a_readable_list(body: str) -> None:
+    with pytest.raises(ValueError):
+        decode_page(body)
+
+
+def test_a_page_that_is_not_json_makes_the_cluster_unavailable_with_a_reason(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    api.set_apps([app("a"), EncodedApp("argocd", "b", b'{"metadata": oops}')])
+
+    with pytest.raises(ClusterUnavailable, match="the API server's answer could not be read: Expecting value"):
+        list(make_lister(kubeconfig, sleeps).pages())
+    assert sleeps == [], "not retried: the same answer would come back"
+
+
+# -- client construction ------------------------------------------------------------------------------
 # -- client construction ------------------------------------------------------------------------------
 
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -256,3 +260,50 @@ def test_the_example_config_documents_every_key() -> None:
     documented = set(re.findall(r"\b([a-z_]+):(?!//)", text))
     missing = sorted(key for key in _keys(Config) if key.rsplit(".", 1)[-1] not in documented)
     assert missing == []
+
+
+CONFIG_TEXT = "environment: PRODUCTION\n# owner: équipe paiements\nclusters: [{name: prod-east}]\n"
+
+
+def _unreadable_config(tmp_path: Path, case: str) -> tuple[Path, str]:
+    """A config path that cannot be used as it is, and what the error must say after the path."""
+    path = tmp_path / "config.yaml"
+    if case == "latin-1":
+        path.write_bytes(CONFIG_TEXT.encode("latin-1"))
+        return path, "not UTF-8 text: byte 0xe9 at line 2, column 10 (byte 33); save the file as UTF-8"
+    if case == "utf-16":
+        path.write_bytes(CONFIG_TEXT.encode("utf-16"))
+        return path, "not UTF-8 text: byte 0xff at line 1, column 1 (byte 0); save the file as UTF-8"
+    if case == "directory":
+        path.mkdir()
+        return path, "cannot read the config file: Is a directory"
+    return path, "cannot read the config file: No such file or directory"
+
+
+@pytest.mark.parametrize("case", ["latin-1", "utf-16", "directory", "missing"])
+def test_an_unreadable_config_file_is_a_clear_error_naming_the_file_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    path, expected = _unreadable_config(tmp_path, case)
+
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: {path}: {expected}\n"
+
+
+def test_a_config_file_without_read_permission_is_a_clear_error_and_exits_2(tmp_path: Path) -> None:
+    """Root reads any file: as root, the command runs without the capabilities that bypass file permissions."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_TEXT)
+    path.chmod(0)
+    command = [sys.executable, "-m", "reconciler", "check", "--config", str(path)]
+    if os.geteuid() == 0:
+        capsh = shutil.which("capsh")
+        if capsh is None:
+            pytest.skip("running as root without capsh: root can read a file without read permission")
+        command = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", 'exec "$@"', "-", *command]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+
+    assert done.returncode == 2
+    assert done.stderr == f"config error: {path}: cannot read the config file: Permission denied\n"

@@ -539,6 +539,70 @@ def test_a_connection_configuration_error_holds_deployments_back_without_dead_le
         assert sorted(devlake.deployments(1)) == sorted(id_of(name, "h1") for name in names)
 
 
+def test_a_redirect_in_front_of_devlake_is_never_followed_and_holds_deliveries_back(
+    tmp_path: Path, redis_state: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An SSO proxy answers the POST with 302 to its login page; following it would turn the POST into a GET
+    that the login page answers 200, and the deployment would be recorded as sent without reaching DevLake."""
+    with open_world(tmp_path, redis_state, monkeypatch, config=one_page(tmp_path), devlake={"max_concurrency": 1}) as (
+        world,
+        devlake,
+    ):
+        gitops, images = payments_world(world)
+        names = [f"app-{n}" for n in range(3)]
+        apps = [settled_app(name, gitops[0], images[0]) for name in names]
+        world.set_apps(apps)
+        assert world.run() == 0
+        world.set_apps([deploy(app, 1, gitops[1], images[1]) for app in apps])
+        devlake.sso_redirect("/oauth2/start")
+        capsys.readouterr()
+
+        assert world.run() == exitcodes.RETRY
+        err = capsys.readouterr().err
+        assert [(r.method, r.status) for r in devlake.requests] == [("POST", 302)], (
+            "not followed, and the connection is held back for the rest of the run"
+        )
+        assert all(snapshot.last_history_id == 0 for snapshot in snapshots_of(world, *names).values())
+        held = [json.loads(line) for line in err.splitlines() if "held back for the rest of this run" in line]
+        assert held and f"to {devlake.url}/oauth2/start;" in held[0]["reason"], held
+        assert "rd=" not in err, "the redirect's query (SSO state, the original URL) is not repeated"
+        assert status_json(world, capsys)["dead_letters"] == []
+
+        devlake.sso_redirect(None)
+        assert world.run() == 0
+        assert sorted(devlake.deployments(1)) == sorted(id_of(name, "h1") for name in names)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, {"code": 0, "success": False, "message": "record not saved", "causes": None, "data": None}),
+        (200, b""),
+        (204, b""),
+        (200, b"<html><body>Sign in</body></html>"),
+    ],
+    ids=["success-false", "empty-200", "204", "html-200"],
+)
+def test_a_2xx_without_devlakes_success_answer_is_retried_and_never_recorded_as_sent(
+    tmp_path: Path, redis_state: str, monkeypatch: pytest.MonkeyPatch, status: int, body: Any
+) -> None:
+    with open_world(tmp_path, redis_state, monkeypatch) as (world, devlake):
+        gitops, images = payments_world(world)
+        app = settled_app("payments-api", gitops[0], images[0])
+        world.set_apps([app])
+        assert world.run() == 0
+        world.set_apps([deploy(app, 1, gitops[1], images[1])])
+        devlake.fail_always(status, body=body)
+
+        assert world.run() == exitcodes.RETRY
+        assert devlake.posted_ids() == ids_of("payments-api", 1) * MAX_ATTEMPTS, "retried as a 5xx is"
+        assert snapshots_of(world, "payments-api")[AppKey(CLUSTER, NAMESPACE, "payments-api")].last_history_id == 0
+
+        devlake.fail_always(None)
+        assert world.run() == 0
+        assert list(devlake.deployments(1)) == ids_of("payments-api", 1)
+
+
 def test_the_retry_budget_bounds_the_time_a_run_spends_retrying(tmp_path: Path, state_url: str) -> None:
     """Sleeping is the only thing that moves this clock, so the run's retry waits are measured exactly."""
     monkeypatch = pytest.MonkeyPatch()

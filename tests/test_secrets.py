@@ -327,3 +327,72 @@ def test_an_unexpected_error_is_one_redacted_log_line_not_a_raw_traceback(
         assert line["reason"] == "RuntimeError"
         expected = f"unforeseen: {REDACTED}, {REDACTED} and {REDACTED}"
         assert expected in line["error"], "the config's secrets and the state URL's password are all redacted"
+
+
+USERINFO_TOKEN = "ghp_USERNAMEtokenSECRET0123456789abcdefgh"
+USERINFO_PASSWORD = "glpat-PASSWORDsecret-0123456789"
+
+
+def test_credentials_in_an_applications_repo_url_never_reach_any_output(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Argo CD accepts a token as the user name of ``repoURL`` (``https://TOKEN@host/...``) as well as
+    ``user:password@``: neither is a secret the reconciler was told about, and each reaches logs and ``explain``."""
+    never_wait(monkeypatch)
+    urls = {
+        "token-as-user": f"https://{USERINFO_TOKEN}@github.com/acme/gitops.git",
+        "user-password": f"https://oauth2:{USERINFO_PASSWORD}@github.com/acme/gitops.git",
+    }
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+
+        def with_url(app: dict[str, Any], url: str) -> dict[str, Any]:
+            loaded: dict[str, Any] = json.loads(json.dumps(app).replace("https://github.com/acme/gitops.git", url))
+            return loaded
+
+        apps = {
+            name: with_url(settled_app(name, gitops[0], f"{IMAGE_REPO}:{images[0]}"), url) for name, url in urls.items()
+        }
+        world.set_apps(list(apps.values()))
+        assert world.run() == 0
+        world.set_apps(
+            [
+                with_url(redeployed(apps[name], 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", minute=30), url)
+                for name, url in urls.items()
+            ]
+        )
+        capsys.readouterr()
+        for args in (
+            ("--dry-run", "--log-level", "debug"),
+            ("--log-level", "debug", "--log-format", "text"),
+            ("--log-level", "debug"),
+        ):
+            world.run(*args)
+        for name in urls:
+            assert world.run(f"argocd/{name}", "--log-level", "debug", command="explain") == 0
+        world.run(command="check")
+        world.run(command="status")
+        world.run("--json", command="status")
+        captured = capsys.readouterr()
+        output = captured.out + captured.err
+
+        assert "source: https://[REDACTED]@github.com/acme/gitops.git" in output, "explain shows the URL, masked"
+        assert USERINFO_TOKEN not in output and USERINFO_PASSWORD not in output and "oauth2" not in output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"https://{USERINFO_TOKEN}@github.com/acme/gitops.git", "https://[REDACTED]@github.com/acme/gitops.git"),
+        ("https://x-access-token:ghs_abc@github.com/a/b", "https://[REDACTED]@github.com/a/b"),
+        (
+            "redis://:pw%40rd@redis:6379/0 and ssh://git@host/r",
+            "redis://[REDACTED]@redis:6379/0 and ssh://[REDACTED]@host/r",
+        ),
+        ('{"repo": "HTTPS://tok@Example.com/x"}', '{"repo": "HTTPS://[REDACTED]@Example.com/x"}'),
+        ("https://github.com/acme/x@v1.2 https://h/p?to=a@b git@github.com:acme/x.git", None),
+    ],
+)
+def test_the_redactor_masks_the_user_information_of_any_url_and_nothing_else(text: str, expected: str | None) -> None:
+    assert Redactor()(text) == (text if expected is None else expected)

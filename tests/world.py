@@ -44,12 +44,14 @@ class World:
         *,
         config: Mapping[str, Any] | None = None,
         connections: Sequence[Mapping[str, Any]] | None = None,
+        page_size: int = 2,
     ) -> None:
         self.tmp_path = tmp_path
         self.state_url = state_url
         self.monkeypatch = monkeypatch
         self.overrides = dict(config or {})
         self.connections = list(connections or [{"id": 1, "api_key_env": "DEVLAKE_KEY_1"}])
+        self.page_size = page_size
         self._stack = ExitStack()
         self.kube = FakeKubeAPI()
         self.devlake = FakeDevLake()
@@ -79,7 +81,9 @@ class World:
     def write_config(self, kubeconfig: Path) -> None:
         config: dict[str, Any] = {
             "environment": "PRODUCTION",
-            "clusters": [{"name": "prod-east", "kubeconfig": str(kubeconfig), "context": "fake", "page_size": 2}],
+            "clusters": [
+                {"name": "prod-east", "kubeconfig": str(kubeconfig), "context": "fake", "page_size": self.page_size}
+            ],
             "images": {"repositories": [{"image": r"quay\.io/acme/(?P<name>[^/]+)", "repo": "acme/{name}"}]},
             "github": {"max_rate_limit_wait": "0s", "timeout": "5s"},
             "state": {"url": self.state_url, "key_prefix": f"e2e-{self.tmp_path.name}"},

@@ -1,10 +1,20 @@
 """A fake Apache DevLake webhook that checks keys and bodies the way DevLake v1.0.x does.
 
-Behaviour follows ``reference/devlake.md``: the API-key middleware of §2 (401/403), the decode step of §1.4-1.5
-(case-insensitive keys, weak typing, the date layouts; decode errors come back as a bare JSON string), the
-validator of §1.2-1.3 and §1.7 (400 envelopes), 500 on malformed JSON, and the upsert storage of §1.6: deployments
+Behaviour follows DevLake's webhook plugin (``backend/plugins/webhook``) and REST API-key middleware: 401/403 for a
+missing or wrong key, the decode step (case-insensitive keys, weak typing, the date layouts; decode errors come back as
+a bare JSON string), the validator (400 envelopes), 500 on malformed JSON, and the upsert storage: deployments
 by ``id`` per connection, commit rows keyed by (row id, commit SHA), where a re-POST with another SHA *adds* a row.
-A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does.
+A commit without ``result`` is stored as ``SUCCESS`` whatever the top level says, as DevLake does. Every answer
+is DevLake's envelope (``shared.ApiOutputSuccess``/``ApiOutputError``): a stored deployment is
+``200 {"code":0,"success":true,"message":"success","causes":null,"data":null}``.
+
+``sso_redirect()`` puts a single-sign-on proxy in front of it, as a misconfigured ingress does: every API request is
+redirected (302) to a login page that answers ``GET`` with ``200`` and HTML.
+
+The issues routes (``POST …/connections/<id>/issues`` and ``…/issue/<issueKey>/close``) follow
+``backend/plugins/webhook/api/issues.go``: the same keys and decoding, validation errors as a bare 400 string, and an
+upsert of the ``issues`` row ``webhook:<connection>:<issueKey>`` on every POST (and, for ``type: INCIDENT``, of its
+``incidents`` row).
 
 Usage::
 
@@ -18,12 +28,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import quote, unquote
 
 from tests.fakes.server import FakeServer
 
@@ -32,7 +44,7 @@ DEVLAKE_TIME = re.compile(
     r"^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}:\d{2}(?:(?:[.,]\d{1,9})?Z|(?:[.,](?:\d{1,3}|\d{6}))?[+-]\d{2}:\d{2}"
     r"|(?:[.,]\d{1,9})?[+-]\d{4})| \d{2}:\d{2}(?::\d{2})?)?$"
 )
-"""The date pattern of the reference's JSON schema (§6), which agrees with DevLake's parser on every probed case."""
+"""The date strings DevLake's parser accepts: ``T`` with ``Z`` or an offset, the space form and a bare date."""
 
 _ROUTE = re.compile(r"^/plugins/webhook/connections/([^/]+)/deployments$")
 _TOP_STRINGS = ("id", "environment", "originalEnvironment", "result", "displayTitle", "name")
@@ -41,6 +53,38 @@ _COMMIT_STRINGS = ("repoUrl", "commitSha", "result", "status", "refName", "commi
 _COMMIT_TIMES = ("startedDate", "finishedDate", "createdDate")
 _STRUCT = "WebhookDeploymentReq"
 _NOT_FOUND = b"404 page not found"
+_LOGIN_PAGE = b"<!DOCTYPE html><html><body><h1>Sign in</h1><form method='post'></form></body></html>"
+
+ISSUE_STATUSES = ("TODO", "DONE", "IN_PROGRESS")
+_ISSUES_ROUTE = re.compile(r"^/plugins/webhook/connections/([^/]+)/issues$")
+_CLOSE_ROUTE = re.compile(r"^/plugins/webhook/connections/([^/]+)/issue/([^/]+)/close$")
+_ISSUE_STRINGS = (
+    "url",
+    "issueKey",
+    "title",
+    "description",
+    "epicKey",
+    "type",
+    "status",
+    "originalStatus",
+    "parentIssueKey",
+    "priority",
+    "creatorId",
+    "creatorName",
+    "assigneeId",
+    "assigneeName",
+    "severity",
+    "component",
+)
+_ISSUE_TIMES = ("resolutionDate", "createdDate", "updatedDate")
+_ISSUE_NUMBERS = {
+    "storyPoint": "float64",
+    "leadTimeMinutes": "uint",
+    "originalEstimateMinutes": "int64",
+    "timeSpentMinutes": "int64",
+    "timeRemainingMinutes": "int64",
+}
+_ISSUE_STRUCT = "WebhookIssueRequest"
 
 
 @dataclass(frozen=True)
@@ -60,6 +104,8 @@ class RecordedRequest:
 class _Failure:
     status: int
     retry_after: float | str | None = None
+    body: Any = None
+    """The answer's body; ``None``: DevLake's failure envelope."""
 
 
 @dataclass
@@ -70,10 +116,16 @@ class _State:
     deployments: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     deployment_rows: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     commit_rows: dict[int, dict[tuple[str, str], dict[str, Any]]] = field(default_factory=dict)
+    issues: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Connection -> issue key -> ``issues`` row."""
+    incidents: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Connection -> issue key -> ``incidents`` row."""
     requests: list[RecordedRequest] = field(default_factory=list)
     fail_next: list[_Failure] = field(default_factory=list)
     fail_always: _Failure | None = None
     delay: float = 0.0
+    sso_login: str | None = None
+    """The login page every API request is redirected to, when an SSO proxy is in front."""
 
 
 class FakeDevLake(FakeServer):
@@ -114,15 +166,22 @@ class FakeDevLake(FakeServer):
         with self._lock:
             self._state.keys[key] = allowed_path
 
-    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None) -> None:
-        """Answer the next ``n`` requests with ``status`` (and ``Retry-After`` when given) before any other check."""
+    def fail_next(self, n: int, status: int = 503, retry_after: float | str | None = None, body: Any = None) -> None:
+        """Answer the next ``n`` requests with ``status`` (and ``Retry-After`` when given) before any other check;
+        the body is ``body`` (JSON, or ``bytes`` as they are) or else DevLake's failure envelope."""
         with self._lock:
-            self._state.fail_next.extend(_Failure(status, retry_after) for _ in range(n))
+            self._state.fail_next.extend(_Failure(status, retry_after, body) for _ in range(n))
 
-    def fail_always(self, status: int | None, retry_after: float | str | None = None) -> None:
-        """Answer every request with ``status``; ``None`` stops it."""
+    def fail_always(self, status: int | None, retry_after: float | str | None = None, body: Any = None) -> None:
+        """Answer every request with ``status`` (and ``body``, as ``fail_next``); ``None`` stops it."""
         with self._lock:
-            self._state.fail_always = None if status is None else _Failure(status, retry_after)
+            self._state.fail_always = None if status is None else _Failure(status, retry_after, body)
+
+    def sso_redirect(self, login_path: str | None = "/oauth2/start") -> None:
+        """Redirect every API request (302) to ``login_path`` with the original URL in ``?rd=``, and answer ``GET``
+        on it with a 200 HTML login page, as an SSO proxy does; ``None`` takes the proxy away."""
+        with self._lock:
+            self._state.sso_login = login_path
 
     def delay(self, seconds: float) -> None:
         """Server-side latency before every answer (pair it with a short client timeout)."""
@@ -156,6 +215,19 @@ class FakeDevLake(FakeServer):
         with self._lock:
             return [dict(row) for row in self._state.commit_rows.get(connection_id, {}).values()]
 
+    def issues(self, connection_id: int) -> dict[str, dict[str, Any]]:
+        """Issue key -> its ``issues`` row (snake_case columns, DevLake's derived values), as last upserted."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._state.issues.get(connection_id, {}).items()}
+
+    def incidents(self, connection_id: int) -> dict[str, dict[str, Any]]:
+        """Issue key -> its ``incidents`` row: what DevLake's DORA plugin links to deployments.
+
+        Written only while the issue's ``type`` is ``INCIDENT``; a later POST of another type leaves it as it was.
+        """
+        with self._lock:
+            return {k: dict(v) for k, v in self._state.incidents.get(connection_id, {}).items()}
+
     # -- request handling (runs on the server's threads) -------------------------------------------
 
     def _handle(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
@@ -184,13 +256,23 @@ class FakeDevLake(FakeServer):
             failure = self._state.fail_next.pop(0) if self._state.fail_next else self._state.fail_always
         if failure is not None:
             extra = {} if failure.retry_after is None else {"Retry-After": _header_value(failure.retry_after)}
-            return failure.status, _envelope(f"fake failure {failure.status}"), extra
+            body = _envelope(f"fake failure {failure.status}") if failure.body is None else failure.body
+            return failure.status, body, extra
+        with self._lock:
+            login = self._state.sso_login
+        if login is not None:
+            if path.split("?", 1)[0] == login:
+                return 200, _LOGIN_PAGE, {"Content-Type": "text/html; charset=utf-8"}
+            return 302, b"", {"Location": f"{self.url}{login}?rd={quote(path, safe='')}"}
         if not path.startswith("/api/rest/"):
             return 404, _NOT_FOUND, {}
         inner = path.removeprefix("/api/rest")
         denied = self._authenticate(inner, headers)
         if denied is not None:
             return denied[0], {"success": False, "message": denied[1]}, {}
+        issue_answer = self._respond_issues(method, inner, text)
+        if issue_answer is not None:
+            return issue_answer
         route = _ROUTE.match(inner)
         if method != "POST" or route is None:
             return 404, _NOT_FOUND, {}
@@ -310,6 +392,71 @@ class FakeDevLake(FakeServer):
             self._state.deployment_rows.setdefault(connection_id, {})[deployment_id] = deployment_row
             self._state.deployments.setdefault(connection_id, {})[deployment_id] = json.loads(json.dumps(body))
 
+    # -- the issues routes ---------------------------------------------------------------------------
+
+    def _respond_issues(self, method: str, inner: str, text: str) -> tuple[int, Any, dict[str, str]] | None:
+        """The answer of an issues route, or ``None`` when ``inner`` is not one (gin matches the decoded path)."""
+        path = unquote(inner.split("?", 1)[0])
+        close = _CLOSE_ROUTE.match(path)
+        route = _ISSUES_ROUTE.match(path) or close
+        if method != "POST" or route is None:
+            return None
+        connection = self._known_connection(route.group(1))
+        if not isinstance(connection, int):
+            return connection
+        if close is not None:
+            return self._close_issue(connection, close.group(2))
+        return self._post_issue(connection, text)
+
+    def _known_connection(self, raw: str) -> int | tuple[int, Any, dict[str, str]]:
+        if not raw.isdigit() or int(raw) <= 0:
+            return 400, _envelope("invalid connectionId (400)"), {}
+        with self._lock:
+            known = int(raw) in self._state.connections
+        return int(raw) if known else (404, _envelope("record not found (404)"), {})
+
+    def _post_issue(self, connection_id: int, text: str) -> tuple[int, Any, dict[str, str]]:
+        if not text.strip():
+            body: Any = {}
+        else:
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError as error:
+                return 500, _envelope(_go_json_error(text, error)), {}
+        if not isinstance(body, dict):
+            kind = "array" if isinstance(body, list) else type(body).__name__
+            return 500, _envelope(f"json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}"), {}
+
+        errors: list[str] = []
+        request = _decode(body, _ISSUE_STRINGS, _ISSUE_TIMES, "", errors)
+        for name, kind in _ISSUE_NUMBERS.items():
+            request[name] = _decode_number(_lookup(body, name), name, kind, errors)
+        if errors:
+            return 400, f"{len(errors)} error(s) decoding:\n\n" + "\n".join(f"* {e}" for e in errors), {}
+        failures = _validate_issue(request)
+        if failures:
+            detail = "\n  | ".join(failures)
+            types = "Error types: (1) *hintdetail.withDetail (2) validator.ValidationErrors"
+            return 400, f"{detail}\nWraps: (2) {detail}\n{types}", {}
+        issue, incident = _issue_rows(connection_id, request)
+        with self._lock:
+            self._state.issues.setdefault(connection_id, {})[issue["issue_key"]] = issue
+            if incident is not None:
+                self._state.incidents.setdefault(connection_id, {})[issue["issue_key"]] = incident
+        return 200, {"code": 0, "success": True, "message": "success", "causes": None, "data": None}, {}
+
+    def _close_issue(self, connection_id: int, issue_key: str) -> tuple[int, Any, dict[str, str]]:
+        """Status ``DONE`` and an empty original status; ``resolution_date`` is left as it was, as DevLake does."""
+        with self._lock:
+            issue = self._state.issues.get(connection_id, {}).get(issue_key)
+            if issue is None:
+                return 404, _envelope("issue not found (404)"), {}
+            issue.update(status="DONE", original_status="")
+            incident = self._state.incidents.get(connection_id, {}).get(issue_key)
+            if issue["type"] == "INCIDENT" and incident is not None:
+                incident.update(status="DONE", original_status="")
+        return 200, {"code": 0, "success": True, "message": "success", "causes": None, "data": None}, {}
+
 
 # -- decoding and validation as DevLake does it ------------------------------------------------------
 
@@ -390,6 +537,124 @@ def _validate(request: dict[str, Any], commits: list[dict[str, Any]]) -> list[st
     return failures
 
 
+def _decode_number(value: Any, name: str, kind: str, errors: list[str]) -> float | int:
+    """mapstructure's weak decoding into a Go number (JSON numbers arrive as float64; Go truncates to integers)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return float(value) if kind == "float64" else math.trunc(value)
+    if isinstance(value, str):
+        text = value or "0"
+        try:
+            return float(text) if kind == "float64" else int(text, 0)
+        except ValueError:
+            parser = {"float64": "ParseFloat", "uint": "ParseUint", "int64": "ParseInt"}[kind]
+            target = {"float64": "float", "uint": "uint", "int64": "int"}[kind]
+            errors.append(
+                f"cannot parse '{name}' as {target}: strconv.{parser}: parsing {json.dumps(value)}: invalid syntax"
+            )
+            return 0
+    errors.append(f"'{name}' expected type '{kind}', got unconvertible type '{_go_type(value)}'")
+    return 0
+
+
+def _validate_issue(request: dict[str, Any]) -> list[str]:
+    """go-playground validator messages for ``WebhookIssueRequest``, in struct field order."""
+    failures: list[str] = []
+
+    def fail(name: str, tag: str) -> None:
+        failures.append(f"Key: '{_ISSUE_STRUCT}.{name}' Error:Field validation for '{name}' failed on the '{tag}' tag")
+
+    if not request["issueKey"]:
+        fail("IssueKey", "required")
+    if not request["title"]:
+        fail("Title", "required")
+    if request["status"] not in ISSUE_STATUSES:
+        fail("Status", "oneof")
+    if not request["originalStatus"]:
+        fail("OriginalStatus", "required")
+    if request["createdDate"] is None:
+        fail("CreatedDate", "required")
+    return failures
+
+
+def _issue_rows(connection_id: int, request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The ``issues`` row and, for an ``INCIDENT``, the ``incidents`` row (``Issue.ToIncident``) DevLake upserts."""
+    prefix = f"webhook:{connection_id}"
+
+    def scoped(value: str) -> str:
+        return f"{prefix}:{value}" if value else ""
+
+    resolved, created = request["resolutionDate"], request["createdDate"]
+    lead_time = request["leadTimeMinutes"]
+    if lead_time == 0 and resolved is not None and created is not None:
+        lead_time = math.trunc((resolved - created).total_seconds() / 60)
+    issue = {
+        "id": f"{prefix}:{request['issueKey']}",
+        "board_id": prefix,
+        "url": request["url"],
+        "issue_key": request["issueKey"],
+        "title": request["title"],
+        "description": request["description"],
+        "epic_key": request["epicKey"],
+        "type": request["type"],
+        "status": request["status"],
+        "original_status": request["originalStatus"],
+        "story_point": request["storyPoint"],
+        "resolution_date": resolved,
+        "created_date": created,
+        "updated_date": request["updatedDate"],
+        "lead_time_minutes": lead_time,
+        "parent_issue_id": scoped(request["parentIssueKey"]),
+        "priority": request["priority"],
+        "original_estimate_minutes": request["originalEstimateMinutes"],
+        "time_spent_minutes": request["timeSpentMinutes"],
+        "time_remaining_minutes": request["timeRemainingMinutes"],
+        "creator_id": scoped(request["creatorId"]),
+        "creator_name": request["creatorName"],
+        "assignee_id": scoped(request["assigneeId"]),
+        "assignee_name": request["assigneeName"],
+        "severity": request["severity"],
+        "component": request["component"],
+    }
+    if issue["type"] != "INCIDENT":
+        return issue, None
+    incident = {
+        "id": issue["id"],
+        "scope_id": prefix,
+        "table": "boards",
+        "incident_key": issue["issue_key"],
+        "parent_incident_id": issue["parent_issue_id"],
+        **{
+            column: issue[column]
+            for column in (
+                "url",
+                "title",
+                "description",
+                "status",
+                "original_status",
+                "resolution_date",
+                "created_date",
+                "updated_date",
+                "lead_time_minutes",
+                "original_estimate_minutes",
+                "time_spent_minutes",
+                "time_remaining_minutes",
+                "creator_id",
+                "creator_name",
+                "priority",
+                "severity",
+                "component",
+                "assignee_id",
+                "assignee_name",
+            )
+        },
+    }
+    return issue, incident
+
+
 _NAIVE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[.,]\d+)?$")
 _COLON_OFFSET = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})[.,](\d+)([+-]\d{2}:\d{2})$")
 _SPACE_WITH_REST = re.compile(r"^\d{4}-\d{2}-\d{2}( .+)$")
@@ -468,9 +733,10 @@ def _handler_for(fake: FakeDevLake) -> type[BaseHTTPRequestHandler]:
             status, answer, extra = fake._handle(method, self.path, dict(self.headers.items()), raw)
             plain = isinstance(answer, bytes)
             payload = answer if plain else json.dumps(answer).encode()
+            content_type = extra.pop("Content-Type", "text/plain" if plain else "application/json; charset=utf-8")
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if plain else "application/json; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 for name, value in extra.items():
                     self.send_header(name, value)

@@ -1,12 +1,12 @@
 """A stateful fake of the GitHub REST API for ``responses``, plus an in-memory ``CommitCache``.
 
-``FakeGitHub`` serves what the reconciler uses, with the JSON shapes and status codes GitHub really returns
-(see ``reference/libs.md`` §1-2): ``GET /repos/{o}/{r}/commits/{ref}`` (422 "No commit found for SHA" for an
-unknown SHA, short SHAs resolved by unique prefix), ``GET /repos/{o}/{r}/compare/{base}...{head}`` (computed
-from the commit graph: ahead / behind / identical / diverged; paginated with ``Link`` headers, 250 commits
-without paging), ``GET /search/commits?q=hash:SHA``, ``GET /rate_limit`` and
-``POST /app/installations/{id}/access_tokens``. It keeps rate-limit headers, can exhaust the rate limit,
-fail the next requests, and logs every request.
+``FakeGitHub`` serves what the reconciler uses, with the JSON shapes and status codes GitHub really returns:
+``GET /repos/{o}/{r}`` (404 for a repository that does not exist or that the token cannot see: ``hide()``),
+``GET /repos/{o}/{r}/commits/{ref}`` (422 "No commit found for SHA" for an unknown SHA, short SHAs resolved by
+unique prefix), ``GET /repos/{o}/{r}/compare/{base}...{head}`` (computed from the commit graph: ahead / behind /
+identical / diverged; paginated with ``Link`` headers, 250 commits without paging; 404 for an unknown ref),
+``GET /search/commits?q=hash:SHA``, ``GET /rate_limit`` and ``POST /app/installations/{id}/access_tokens``. It
+keeps rate-limit headers, can exhaust the rate limit, fail the next requests, and logs every request.
 
 PyGithub puts an explicit ``:443`` in its URLs, so every route is a regex that accepts an optional port.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class FakeRepo:
     order: list[str] = field(default_factory=list)
     fork_of: str | None = None
     private: bool = False
+    visible: bool = True
+    """``False``: the token cannot see it (a private repository outside its access): GitHub answers 404."""
 
 
 class InMemoryCache:
@@ -77,6 +80,48 @@ class InMemoryCache:
 
     def keys(self, kind: str) -> list[str]:
         return sorted(key for k, key in self.data if k == kind)
+
+
+class SilentServer:
+    """A GitHub that accepts connections on 127.0.0.1 and never answers: every request waits for its timeout.
+
+    ``accepted`` counts connections, one per attempt (a timed-out connection is never reused)."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(128)
+        self._socket.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.accepted = 0
+        self._open: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent-github", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self._open.append(connection)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
+        self._socket.close()
+        for connection in self._open:
+            connection.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def github_config(url: str = "https://api.github.com", **overrides: Any) -> GitHubConfig:
@@ -141,6 +186,7 @@ class FakeGitHub:
         base = rf"https?://{re.escape(self.host)}(?::\d+)?{re.escape(self.prefix)}"
         query = r"(?:\?.*)?$"
         routes: list[tuple[str, str, Any]] = [
+            ("GET", rf"{base}/repos/[^/]+/[^/?]+{query}", self._get_repo),
             ("GET", rf"{base}/repos/[^/]+/[^/]+/commits/[^/?]+{query}", self._get_commit),
             ("GET", rf"{base}/repos/[^/]+/[^/]+/compare/[^/?]+{query}", self._compare),
             ("GET", rf"{base}/search/commits{query}", self._search),
@@ -269,6 +315,11 @@ class FakeGitHub:
     def head(self, repo_name: str) -> str:
         return self.repos[repo_name.lower()].order[-1]
 
+    def hide(self, repo_name: str, *, hidden: bool = True) -> None:
+        """The token loses (``hidden=False``: regains) access to the repository: every request about it is a 404."""
+        with self._lock:
+            self.add_repo(repo_name).visible = not hidden
+
     # -- behaviour switches --------------------------------------------------------------------------
 
     def exhaust_rate_limit(self, reset_at: datetime, *, status: int = 403) -> None:
@@ -306,7 +357,7 @@ class FakeGitHub:
     # -- inspection ----------------------------------------------------------------------------------
 
     def count(self, kind: str, repo: str | None = None) -> int:
-        """Requests of one kind: ``commit``, ``compare``, ``search``, ``rate_limit``, ``token`` or ``all``."""
+        """Requests of one kind: ``repo``, ``commit``, ``compare``, ``search``, ``rate_limit``, ``token`` or ``all``."""
         total = 0
         for _method, path, _params in self.calls:
             if kind != "all" and _kind(path) != kind:
@@ -382,8 +433,23 @@ class FakeGitHub:
     # -- handlers ------------------------------------------------------------------------------------
 
     def _repo(self, path: str) -> FakeRepo | None:
+        """The repository of a ``/repos/{o}/{r}...`` path, if it exists and the token can see it."""
         owner, name = path.split("/")[2:4]
-        return self.repos.get(f"{owner}/{name}".lower())
+        repo = self.repos.get(f"{owner}/{name}".lower())
+        return repo if repo is not None and repo.visible else None
+
+    def _get_repo(
+        self, request: PreparedRequest, path: str, params: dict[str, list[str]]
+    ) -> tuple[int, Any, dict[str, str]]:
+        repo = self._repo(path)
+        if repo is None:
+            body = {
+                "message": "Not Found",
+                "documentation_url": "https://docs.github.com/rest/repos/repos#get-a-repository",
+                "status": "404",
+            }
+            return 404, body, {}
+        return 200, self.repository_json(repo), {}
 
     def _resolve(self, repo: FakeRepo, ref: str) -> str | None:
         ref = ref.lower()
@@ -492,6 +558,8 @@ class FakeGitHub:
         if match:
             wanted = match.group(1).lower()
             for repo in self.repos.values():
+                if not repo.visible:
+                    continue
                 for sha, commit in repo.commits.items():
                     if sha.startswith(wanted):
                         item = self.commit_json(repo, commit, full=False)
@@ -542,6 +610,8 @@ class FakeGitHub:
 
 
 def _kind(path: str) -> str:
+    if path.startswith("/repos/") and path.count("/") == 3:
+        return "repo"
     if path.startswith("/repos/") and "/commits/" in path:
         return "commit"
     if path.startswith("/repos/") and "/compare/" in path:

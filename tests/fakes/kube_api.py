@@ -15,7 +15,7 @@ import json
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -47,6 +47,31 @@ class RecordedRequest:
         if self.path.startswith(prefix) and self.path.endswith("/applications"):
             return self.path[len(prefix) : -len("/applications")]
         return None
+
+
+@dataclass(frozen=True)
+class EncodedApp:
+    """An Application served exactly as ``body`` (JSON already written): for objects ``json.dumps`` cannot write,
+    such as one nested deeper than Python's recursion limit, which the API server accepts (it allows 10,000)."""
+
+    namespace: str
+    name: str
+    body: bytes
+
+    @classmethod
+    def nested(cls, app: Mapping[str, Any], path: Sequence[str], depth: int) -> EncodedApp:
+        """``app`` with the object at ``path`` (e.g. ``spec.source.helm.valuesObject``) replaced by one nested
+        ``depth`` levels deep: ``{"level":{"level":...{"level":0}...}}``."""
+        marker = "\u0000nested\u0000"
+        copy = json.loads(json.dumps(app))
+        node = copy
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = marker
+        nested = '{"level":' * depth + "0" + "}" * depth
+        text = json.dumps(copy, separators=(",", ":")).replace(json.dumps(marker), nested)
+        metadata = copy["metadata"]
+        return cls(metadata["namespace"], metadata["name"], text.encode())
 
 
 @dataclass(frozen=True)
@@ -108,9 +133,13 @@ class FakeKubeAPI(FakeServer):
     # -- controls --------------------------------------------------------------------------------
 
     def set_apps(self, apps: Iterable[Any]) -> None:
-        """Replace every Application. Lists already in progress keep serving their snapshot."""
+        """Replace every Application (a JSON value each, or an :class:`EncodedApp`). Lists already in progress keep
+        serving their snapshot."""
         items: list[tuple[tuple[str, str], _Item]] = []
         for position, app in enumerate(apps):
+            if isinstance(app, EncodedApp):
+                items.append(((app.namespace, app.name), _Item(app.namespace, {}, app.body)))
+                continue
             metadata = app.get("metadata") if isinstance(app, dict) else None
             metadata = metadata if isinstance(metadata, dict) else {}
             namespace = metadata.get("namespace")
