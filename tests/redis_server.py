@@ -68,16 +68,9 @@ class RedisServer(Running):
         raise RedisStartError(f"redis-server did not answer PING on port {self.port}:\n{self._log()}")
 
     def stop(self) -> None:
-        """SIGTERM, and SIGKILL if it does not go within ten seconds."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            terminate(process)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to the clients."""
@@ -91,6 +84,18 @@ class RedisServer(Running):
             return self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it does not go within ten seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager

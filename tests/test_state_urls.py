@@ -23,7 +23,7 @@ from reconciler.store import StoreUnavailable, open_store
 from tests.fakes.hardening import never_wait
 from tests.fakes.server import free_port
 from tests.fakes.tls import self_signed_certificate
-from tests.redis_server import START_DEADLINE_SECONDS
+from tests.redis_server import START_DEADLINE_SECONDS, terminate
 from tests.scenarios import Deploys
 from tests.world import World, log_lines
 
@@ -85,12 +85,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Redi
         yield found
     finally:
         for process in started:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            terminate(process)
 
 
 # (server, URL template, database the state must land in); {port}, {tls}, {sock}, {ca} are filled in.
