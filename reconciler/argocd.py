@@ -1,9 +1,13 @@
-"""Listing Argo CD Applications from one cluster through the Kubernetes API.
+"""Listing Argo CD Applications from one cluster: through the Kubernetes API, or from an exported file.
 
 One independent ``ApiClient`` per cluster (the global default configuration is never touched), paged lists
 (``limit``/``continue``) streamed page by page, a restart of the list when the continue token expires (410),
 short retries for transient failures, and every failure surfaced as ``ClusterUnavailable`` with a reason an
 operator can act on. Items are returned as raw dicts; parsing them is ``application.py``'s job.
+
+A cluster entry with ``applications_file`` is listed by :class:`FileLister` instead: the same pages of raw
+items, selected by ``namespaces`` and ``label_selector`` as the API server would, so the reconciler cannot tell
+the difference (:func:`open_lister` picks the lister).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import urllib3
+import yaml
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient, Configuration, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -573,3 +578,276 @@ def _strip_pool(text: str) -> str:
     """``HTTPConnection(host=..., port=...): Failed to establish ...`` -> the part after the pool repr."""
     match = re.match(r"^(?:<[\w.]+ object at 0x[0-9a-f]+>|\w+\([^)]*\)): (.*)$", text)
     return match.group(1) if match else text
+
+
+# -- one lister or the other -------------------------------------------------------------------------
+
+
+class ApplicationLister(Protocol):
+    """What the reconciler needs of a lister: the cluster's name and its Applications, page by page."""
+
+    @property
+    def name(self) -> str: ...
+
+    def pages(self) -> Iterator[list[dict[str, Any]]]: ...
+
+
+def open_lister(
+    cluster: ClusterConfig, *, sleep: Callable[[float], None] = time.sleep, attempts: int = ATTEMPTS
+) -> ClusterLister | FileLister:
+    """The lister of a cluster entry: its ``applications_file`` when it has one, else the Kubernetes API."""
+    if cluster.applications_file is not None:
+        return FileLister(cluster)
+    return ClusterLister(cluster, sleep=sleep, attempts=attempts)
+
+
+# -- Applications from a file ------------------------------------------------------------------------
+
+LIST_KINDS = ("ApplicationList", "List")
+"""``kubectl get applications.argoproj.io -A -o json`` writes a ``List``; the API server an ``ApplicationList``."""
+
+
+if yaml.__with_libyaml__:  # libyaml: fast, and it refuses nesting deeper than 1,000 levels instead of recursing
+
+    class _ExportLoader(yaml.CSafeLoader):
+        """YAML read the way JSON is: an unquoted timestamp stays the text Argo CD wrote, not a ``datetime``."""
+
+else:  # pragma: no cover - PyYAML's wheels ship libyaml
+
+    class _ExportLoader(yaml.SafeLoader):  # type: ignore[no-redef]
+        """YAML read the way JSON is: an unquoted timestamp stays the text Argo CD wrote, not a ``datetime``."""
+
+
+_ExportLoader.add_constructor(
+    "tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(cast(yaml.ScalarNode, node))
+)
+
+
+class FileLister:
+    """Lists the Applications of one cluster entry from a file exported with
+    ``kubectl get applications.argoproj.io -A -o json`` (or ``-o yaml``).
+
+    Accepted: an ``ApplicationList`` or a ``List`` (JSON or YAML, YAML possibly in several documents), a JSON
+    array of Applications, or one ``Application``. The items go through the same decoding as an API page
+    (:func:`decode_page`: one item nested too deeply to decode does not lose the others) and are selected as the
+    API server would select them: ``namespaces`` and ``label_selector``. Items of another kind (an AppProject in
+    a mixed export) are left out; an Application present twice is listed once (the first). The file is read
+    whole on each ``pages()`` call; pages of ``page_size`` items follow. Raises ``ClusterUnavailable`` when the
+    file cannot be read or is not a list of Applications.
+    """
+
+    def __init__(self, cluster: ClusterConfig, path: str | os.PathLike[str] | None = None) -> None:
+        source = path if path is not None else cluster.applications_file
+        if source is None:
+            raise ValueError(f"cluster {cluster.name} has no applications_file")
+        self.cluster = cluster
+        self.path = Path(source).expanduser()
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+    def pages(self) -> Iterator[list[dict[str, Any]]]:
+        selected = self.selected(self.read())
+        size = self.cluster.page_size
+        for start in range(0, len(selected), size):
+            yield selected[start : start + size]
+
+    def read(self) -> list[Any]:
+        """Every Application item of the file, in file order, before any selection."""
+        try:
+            body = self.path.read_bytes()
+        except OSError as error:
+            raise self._unavailable(f"cannot read it: {error.strerror or error}") from None
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise self._unavailable(f"not UTF-8 text (byte {error.start})") from None
+        items: list[Any] = []
+        other_kinds: dict[str, int] = {}
+        for document in self._documents(text):
+            for item in self._items_of(document):
+                kind = item.get("kind") if isinstance(item, dict) else None
+                if isinstance(kind, str) and kind != "Application":
+                    other_kinds[kind] = other_kinds.get(kind, 0) + 1
+                    continue
+                items.append(item)
+        if other_kinds:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(other_kinds.items()))
+            log.warning(
+                "the Applications file holds items that are not Applications; left out",
+                extra={"cluster": self.name, "path": str(self.path), "reason": kinds},
+            )
+        return items
+
+    def selected(self, items: list[Any]) -> list[dict[str, Any]]:
+        """The items the API server would list for this cluster entry, each Application once."""
+        namespaces = set(self.cluster.namespaces)
+        try:
+            selector = LabelSelector.parse(self.cluster.label_selector or "")
+        except ValueError as error:
+            raise ClusterUnavailable(self.name, f"label_selector {self.cluster.label_selector!r}: {error}") from None
+        seen: set[tuple[str, str]] = set()
+        chosen: list[dict[str, Any]] = []
+        duplicates = 0
+        for item in items:
+            if not _in_scope(item, namespaces, selector):
+                continue
+            identity = _identity(item, None)
+            if identity in seen:
+                duplicates += 1
+                continue
+            seen.add(identity)
+            chosen.append(item)
+        if duplicates:
+            log.warning(
+                "the Applications file lists some Applications more than once; the first of each is read",
+                extra={"cluster": self.name, "path": str(self.path), "apps": duplicates},
+            )
+        return chosen
+
+    def _documents(self, text: str) -> list[Any]:
+        """JSON (what ``-o json`` writes: it starts with ``{``) decoded as an API page is, else YAML documents."""
+        stripped = text.lstrip()
+        if stripped.startswith(("{", "[")):
+            try:
+                return [decode_page(stripped)]
+            except ValueError as error:
+                raise self._unavailable(f"not valid JSON: {_first_line(str(error))}") from None
+        try:
+            return [document for document in yaml.load_all(text, Loader=_ExportLoader) if document is not None]
+        except (yaml.YAMLError, RecursionError) as error:
+            if isinstance(error, RecursionError) or "nesting depth" in str(error):
+                raise self._unavailable(
+                    "nested too deeply to be read as YAML; export it as JSON (-o json), where an Application too "
+                    "deep to read is skipped on its own"
+                ) from None
+            raise self._unavailable(f"not valid YAML: {' '.join(str(error).split())}") from None
+
+    def _items_of(self, document: Any) -> list[Any]:
+        if isinstance(document, list):
+            return document
+        if isinstance(document, dict):
+            kind = document.get("kind")
+            if kind == "Application":
+                return [document]
+            if "items" in document and (kind is None or kind in LIST_KINDS):
+                items = document["items"]
+                if isinstance(items, list):
+                    return items
+                raise self._unavailable(f"its {kind or 'list'} has no items array")
+            if kind is not None:
+                raise self._unavailable(
+                    f"it holds a {kind}, not Applications (export them with "
+                    "kubectl get applications.argoproj.io -A -o json)"
+                )
+        raise self._unavailable(
+            "not a list of Applications (expected an ApplicationList or a List with items, or one Application)"
+        )
+
+    def _unavailable(self, reason: str) -> ClusterUnavailable:
+        return ClusterUnavailable(self.name, f"Applications file {self.path}: {reason}")
+
+
+def _in_scope(item: Any, namespaces: set[str], selector: LabelSelector) -> bool:
+    """Whether the API server would list ``item`` for these namespaces and this label selector. An item whose
+    namespace or labels cannot be read is kept: it is then reported as malformed rather than silently hidden."""
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    if not isinstance(metadata, dict):
+        return True
+    namespace = metadata.get("namespace")
+    if namespaces and isinstance(namespace, str) and namespace not in namespaces:
+        return False
+    if isinstance(item, UnreadableApplication) or not selector:
+        return True
+    labels = metadata.get("labels")
+    if labels is None:
+        labels = {}
+    if not isinstance(labels, dict):
+        return True
+    return selector.matches(labels)
+
+
+# -- label selectors, as the API server reads them ------------------------------------------------------
+
+_SET_REQUIREMENT = re.compile(r"^(?P<key>[^\s!=<>(),]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)$")
+_COMPARISON = re.compile(r"^(?P<key>[^\s!=<>(),]+)\s*(?P<op>==|!=|=|>|<)\s*(?P<value>[^\s!=<>(),]*)$")
+_EXISTENCE = re.compile(r"^(?P<negated>!)?\s*(?P<key>[^\s!=<>(),]+)$")
+
+
+class LabelSelector:
+    """A Kubernetes label selector (``labels.Parse``): ``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``,
+    ``k notin (a,b)``, ``k``, ``!k``, ``k>1``, ``k<1``, separated by commas; every requirement must hold.
+    ``!=`` and ``notin`` also hold when the label is absent."""
+
+    def __init__(self, requirements: list[tuple[str, str, tuple[str, ...]]]) -> None:
+        self.requirements = requirements
+
+    def __bool__(self) -> bool:
+        return bool(self.requirements)
+
+    @classmethod
+    def parse(cls, text: str) -> LabelSelector:
+        """Raises ``ValueError`` naming the requirement that cannot be read."""
+        requirements: list[tuple[str, str, tuple[str, ...]]] = []
+        for part in _split_requirements(text):
+            requirement = part.strip()
+            if not requirement:
+                raise ValueError("empty requirement")
+            if found := _SET_REQUIREMENT.match(requirement):
+                values = tuple(value.strip() for value in found["values"].split(","))
+                requirements.append((found["key"], found["op"], tuple(value for value in values if value)))
+            elif found := _COMPARISON.match(requirement):
+                op = "=" if found["op"] == "==" else found["op"]
+                value = found["value"]
+                if op in "<>" and not re.fullmatch(r"-?\d+", value):
+                    raise ValueError(f"{requirement!r}: {op} needs an integer")
+                requirements.append((found["key"], op, (value,)))
+            elif found := _EXISTENCE.match(requirement):
+                requirements.append((found["key"], "!" if found["negated"] else "exists", ()))
+            else:
+                raise ValueError(f"cannot read the requirement {requirement!r}")
+        return cls(requirements)
+
+    def matches(self, labels: dict[str, Any]) -> bool:
+        return all(_holds(op, labels.get(key), values) for key, op, values in self.requirements)
+
+
+def _split_requirements(text: str) -> list[str]:
+    """Split on the commas outside parentheses (``a in (x,y),b`` is two requirements)."""
+    if not text.strip():
+        return []
+    parts: list[str] = []
+    depth = 0
+    current = ""
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def _holds(op: str, value: Any, values: tuple[str, ...]) -> bool:
+    present = isinstance(value, str)
+    if op == "exists":
+        return present
+    if op == "!":
+        return not present
+    if op == "=":
+        return present and value == values[0]
+    if op == "!=":
+        return not present or value != values[0]
+    if op == "in":
+        return present and value in values
+    if op == "notin":
+        return not present or value not in values
+    if not present or not re.fullmatch(r"-?\d+", value):
+        return False
+    return int(value) > int(values[0]) if op == ">" else int(value) < int(values[0])

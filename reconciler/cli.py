@@ -66,11 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pass_options(backfill)
     backfill.add_argument("--since", metavar="DATE", help="only history entries deployed at or after DATE (ISO 8601)")
+    applications_file_help = (
+        "read the cluster's Applications from FILE (kubectl get applications.argoproj.io -A -o json or -o yaml) "
+        "instead of its configured source; with several clusters configured, name it with --cluster"
+    )
+    backfill.add_argument("--applications-file", metavar="FILE", help=applications_file_help)
     sub.add_parser("serve", parents=[common], help="run passes on the config's cron schedule; /metrics and /healthz")
     sub.add_parser("check", parents=[common], help="validate the config and reach every dependency")
     explain = sub.add_parser("explain", parents=[common], help="show how one Application is read and what comes next")
     explain.add_argument("application", metavar="NAMESPACE/NAME")
     explain.add_argument("--cluster", action="append", default=[], metavar="NAME", help="only look in this cluster")
+    explain.add_argument("--applications-file", metavar="FILE", help=applications_file_help)
     status = sub.add_parser("status", parents=[common], help="the last runs and the dead-letter list")
     status.add_argument("--json", action="store_true", help="one JSON document instead of text")
     return parser
@@ -135,6 +141,8 @@ def _dispatch(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
 def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
     from reconciler import commands, scheduler  # import the clients: kept out of --help and config errors
 
+    if getattr(args, "applications_file", None) is not None:
+        config = commands.read_applications_from(config, tuple(args.cluster), args.applications_file)
     if args.command in ("run", "backfill"):
         since = _parse_since(args.since) if args.command == "backfill" else None
         return commands.run_command(

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from reconciler import exitcodes
-from reconciler.application import MalformedApplication
-from reconciler.argocd import ClusterLister, ClusterUnavailable
+from reconciler.application import MalformedApplication, parse_application
+from reconciler.argocd import ClusterLister, ClusterUnavailable, FileLister, open_lister
 from reconciler.config import ClusterConfig, Config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
@@ -25,7 +25,7 @@ from reconciler.metrics import PrometheusMetrics, grouping_key, push
 from reconciler.model import AppObservation, Snapshot, format_time
 from reconciler.planner import plan
 from reconciler.reconcile import iter_observations, planner_policy
-from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard
+from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard, selected_clusters
 from reconciler.runtime import Runtime, progress_reporter, run_pass, store_unavailable_at_start
 from reconciler.store import (
     Store,
@@ -121,12 +121,36 @@ CHECK_ATTEMPTS = 2
 
 def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tuple[bool, str]:
     name = cluster.name
+    if cluster.applications_file is not None:
+        return _check_applications_file(cluster)
     try:
         lister = ClusterLister(cluster.model_copy(update={"page_size": 1}), sleep=sleep, attempts=CHECK_ATTEMPTS)
         first = next(iter(lister.pages()), [])
     except ClusterUnavailable as error:
         return False, f"kubernetes {name}: FAILED ({error})"
     return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
+
+
+def _check_applications_file(cluster: ClusterConfig) -> tuple[bool, str]:
+    """Readable, a list of Applications; how many, how many the cluster's selectors keep, how many are malformed."""
+    lister = FileLister(cluster)
+    try:
+        items = lister.read()
+        selected = lister.selected(items)
+    except ClusterUnavailable as error:
+        return False, f"applications file {cluster.name}: FAILED ({error})"
+    malformed = 0
+    for item in selected:
+        try:
+            parse_application(item, cluster.name)
+        except MalformedApplication:
+            malformed += 1
+    details = [f"{len(items)} Application(s)"]
+    if len(selected) != len(items):
+        details.append(f"{len(selected)} selected by namespaces and label_selector")
+    if malformed:
+        details.append(f"{malformed} malformed, skipped by every run (explain names why)")
+    return True, f"applications file {cluster.name}: ok ({lister.path}: {', '.join(details)})"
 
 
 def _check_store(config: Config) -> tuple[bool, str]:
@@ -189,6 +213,28 @@ def _describe_state_url(url: str | None) -> str:
     return f"{scheme}://{host}"
 
 
+# -- --applications-file -------------------------------------------------------------------------------
+
+
+def read_applications_from(config: Config, clusters: tuple[str, ...], path: str) -> Config:
+    """``--applications-file``: for this command, one cluster's Applications come from ``path`` (an export) instead
+    of its configured source. The cluster keeps its name, so deployment ids and snapshots are that cluster's own.
+
+    Raises ``InvalidRequest`` unless exactly one cluster is meant (``--cluster NAME``, or the only one configured).
+    """
+    names = tuple(dict.fromkeys(clusters or [cluster.name for cluster in config.clusters]))
+    if len(names) != 1:
+        raise InvalidRequest(
+            f"--applications-file holds one cluster's Applications: say which with --cluster NAME "
+            f"(configured: {', '.join(c.name for c in config.clusters)})"
+        )
+    selected_clusters(config, RunOptions(clusters=names))
+    update = {"applications_file": path, "kubeconfig": None, "context": None}
+    return config.model_copy(
+        update={"clusters": [c.model_copy(update=update) if c.name == names[0] else c for c in config.clusters]}
+    )
+
+
 # -- explain -------------------------------------------------------------------------------------------
 
 
@@ -204,7 +250,7 @@ def explain_command(config: Config, application: str, *, clusters: tuple[str, ..
                 continue
             scoped = cluster.model_copy(update={"namespaces": [namespace]})
             try:
-                for item in iter_observations(ClusterLister(scoped), cluster.name):
+                for item in iter_observations(open_lister(scoped), cluster.name):
                     if isinstance(item, MalformedApplication):
                         if item.app == f"{namespace}/{name}":
                             found = True

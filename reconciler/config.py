@@ -88,12 +88,22 @@ class ClusterConfig(_Section):
     kubeconfig: str | None = None
     """``None``: in-cluster service account, unless ``$KUBECONFIG`` or ``~/.kube/config`` exists."""
     context: str | None = None
+    applications_file: str | None = Field(default=None, min_length=1)
+    """Read the Applications from this file (``kubectl get applications.argoproj.io -A -o json`` or ``-o yaml``)
+    instead of the Kubernetes API; a relative path is relative to the working directory, like ``kubeconfig``."""
     namespaces: list[str] = []
     label_selector: str | None = None
     environment: Environment | None = None
     page_size: int = Field(default=100, ge=1, le=5000)
     request_timeout: Duration = timedelta(seconds=60)
     verify_tls: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClusterConfig:
+        if self.applications_file is not None and (self.kubeconfig is not None or self.context is not None):
+            given = " and ".join(key for key in ("kubeconfig", "context") if getattr(self, key) is not None)
+            raise ValueError(f"applications_file reads the Applications from a file: leave {given} out")
+        return self
 
 
 class ComponentConfig(_Section):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Protocol, TextIO
 
 from reconciler.application import MalformedApplication, parse_application
-from reconciler.argocd import ClusterLister, ClusterUnavailable
+from reconciler.argocd import ApplicationLister, ClusterUnavailable, open_lister
 from reconciler.config import ClusterConfig, Config
 from reconciler.delivery import AppResult, AppWork, Deliverer, DeliveryMetrics, RetryBudget, Tick
 from reconciler.devlake import DevLakeClient
@@ -35,7 +35,7 @@ PROGRESS_EVERY_SECONDS = 10.0
 
 
 class ListerFactory(Protocol):
-    def __call__(self, cluster: ClusterConfig) -> ClusterLister: ...
+    def __call__(self, cluster: ClusterConfig) -> ApplicationLister: ...
 
 
 def _never() -> bool:
@@ -52,7 +52,7 @@ class Reconciler:
         github: GitHubClient,
         devlake: DevLakeClient,
         *,
-        lister_factory: ListerFactory = ClusterLister,
+        lister_factory: ListerFactory = open_lister,
         metrics: DeliveryMetrics | None = None,
         dry_run_output: TextIO | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -274,7 +274,7 @@ def planner_policy(config: Config, initialized_at: datetime | None, options: Run
     )
 
 
-def iter_observations(lister: ClusterLister, cluster: str) -> Iterator[AppObservation | MalformedApplication]:
+def iter_observations(lister: ApplicationLister, cluster: str) -> Iterator[AppObservation | MalformedApplication]:
     """Every Application of a cluster, parsed (for ``explain``)."""
     for page in lister.pages():
         for raw in page:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from reconciler import exitcodes
-from reconciler.argocd import ClusterLister
+from reconciler.argocd import ApplicationLister, open_lister
 from reconciler.config import ClusterConfig, Config
 from reconciler.delivery import DeliveryMetrics
 from reconciler.devlake import DevLakeClient
@@ -58,8 +58,8 @@ class Runtime:
             raise
         return cls(config, store, github, devlake, sleep)
 
-    def lister(self, cluster: ClusterConfig) -> ClusterLister:
-        return ClusterLister(cluster, sleep=self.sleep)
+    def lister(self, cluster: ClusterConfig) -> ApplicationLister:
+        return open_lister(cluster, sleep=self.sleep)
 
     def reconciler(
         self,
