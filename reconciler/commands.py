@@ -335,13 +335,23 @@ def _describe_snapshot(snapshot: Snapshot | None) -> str:
 # -- status --------------------------------------------------------------------------------------------
 
 
+STATUS_RUNS = 20
+STATUS_DEAD_LETTERS = 100
+STATUS_ERRORS_PER_RUN = 5
+"""``status`` (text) prints this many errors of a run; ``--json`` has them all."""
+
+
 def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
+    """The last runs (what each decided, held back and could not do) and the dead letters still undelivered: a
+    dead letter leaves the list when a later run or backfill delivers the same deployment to its connection."""
     store = open_store(config.state)
     try:
-        runs = store.run_summaries(20)
-        letters = store.dead_letters(100)
+        runs = store.run_summaries(STATUS_RUNS)
+        letters = store.dead_letters(STATUS_DEAD_LETTERS + 1)
     finally:
         store.close()
+    more = len(letters) > STATUS_DEAD_LETTERS
+    letters = letters[:STATUS_DEAD_LETTERS]
     if as_json:
         print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
         return exitcodes.OK
@@ -350,11 +360,21 @@ def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
         print(
             f"  {run.get('started_at')} {run.get('command')} exit {run.get('exit_code')}: "
             f"{run.get('apps_listed')} apps, {run.get('deployments_success')} success, "
-            f"{run.get('deployments_failed')} failed, {run.get('sent')} sent, "
+            f"{run.get('deployments_failed')} failed, {run.get('deployments_pending', 0)} pending, "
+            f"{run.get('deployments_deferred', 0)} deferred, {run.get('sent')} sent, "
             f"{run.get('dead_lettered')} dead-lettered, {run.get('seconds')} s",
             file=stdout,
         )
-    print(f"dead letters ({len(letters)}):", file=stdout)
+        errors = run.get("errors") or []
+        for error in errors[:STATUS_ERRORS_PER_RUN]:
+            print(f"    error: {error}", file=stdout)
+        if len(errors) > STATUS_ERRORS_PER_RUN:
+            print(
+                f"    … and {len(errors) - STATUS_ERRORS_PER_RUN} more error(s) (status --json lists them)", file=stdout
+            )
+    shown = f"the {STATUS_DEAD_LETTERS} newest of more" if more else str(len(letters))
+    retry = " (backfill sends them again once the cause is fixed)" if letters else ""
+    print(f"dead letters ({shown}):{retry}", file=stdout)
     for letter in letters:
         print(
             f"  {letter.get('time')} connection {letter.get('connection')} {letter.get('deployment_id')}: "

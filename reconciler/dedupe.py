@@ -96,6 +96,15 @@ class Target:
     def handled(self, existing: Set[str]) -> bool:
         return self.sent in existing or self.deduped in existing or self.rejected in existing
 
+    @classmethod
+    def delivered_by(cls, marker: str) -> Target | None:
+        """The target a ``sent`` marker records as delivered; ``None`` for any other marker."""
+        kind, _, rest = marker.partition(":")
+        connection, _, deployment_id = rest.partition(":")
+        if kind != "sent" or not connection.isdigit() or not deployment_id:
+            return None
+        return cls(int(connection), deployment_id)
+
 
 # -- the decision ------------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from redis.retry import Retry
 from redis.typing import EncodableT
 
 from reconciler.config import StateConfig
+from reconciler.dedupe import Target
 from reconciler.model import AppKey, Snapshot, parse_time
 from reconciler.settled import stored_settled_digest
 
@@ -200,6 +201,21 @@ def _decode(text: str | bytes, what: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _dead_letter_target(entry: Mapping[str, Any]) -> str | None:
+    """``connection:deployment id`` of a dead letter: a later delivery of that deployment to that connection takes
+    it off the list, and a new refusal of it replaces it. An entry without both has none and stays until trimmed."""
+    connection, deployment_id = entry.get("connection"), entry.get("deployment_id")
+    if isinstance(connection, int) and not isinstance(connection, bool) and isinstance(deployment_id, str):
+        return f"{connection}:{deployment_id}"
+    return None
+
+
+def _delivered_targets(markers: Sequence[str]) -> list[str]:
+    """The dead-letter targets that ``sent`` markers record as delivered."""
+    targets = (Target.delivered_by(marker) for marker in markers)
+    return list(dict.fromkeys(f"{t.connection_id}:{t.deployment_id}" for t in targets if t is not None))
+
+
 def _format_instant(when: datetime) -> str:
     """Full-precision ISO 8601 UTC (``format_time`` drops sub-seconds, which an instant must keep)."""
     if when.tzinfo is None:
@@ -276,6 +292,74 @@ return 0
 """
 
 
+_DEAD_LETTER_TARGET_LUA = """
+local function target_of(value)
+    local ok, envelope = pcall(cjson.decode, value)
+    if ok and type(envelope) == 'table' and type(envelope.data) == 'table' then
+        local connection, deployment = envelope.data.connection, envelope.data.deployment_id
+        if type(connection) == 'number' and type(deployment) == 'string' then
+            return string.format('%d', connection) .. ':' .. deployment
+        end
+    end
+    return nil
+end
+-- KEYS[1]: the dead-letter list (newest first); KEYS[2]: its index, target -> the entry in the list;
+-- KEYS[3]: set once the index covers the list (entries written before the index existed are added once).
+if redis.call('exists', KEYS[3]) == 0 then
+    for _, value in ipairs(redis.call('lrange', KEYS[1], 0, -1)) do
+        local target = target_of(value)
+        if target and redis.call('hexists', KEYS[2], target) == 0 then
+            redis.call('hset', KEYS[2], target, value)
+        end
+    end
+    redis.call('set', KEYS[3], '{"version":1}')
+end
+"""
+
+_ADD_DEAD_LETTER_SCRIPT = (
+    _DEAD_LETTER_TARGET_LUA
+    + """
+-- ARGV[1]: the entry's target ('' for none); ARGV[2]: the entry; ARGV[3]: how many entries the list keeps.
+if ARGV[1] ~= '' then
+    local previous = redis.call('hget', KEYS[2], ARGV[1])
+    if previous then
+        redis.call('lrem', KEYS[1], 0, previous)
+    end
+    redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
+end
+redis.call('lpush', KEYS[1], ARGV[2])
+local cap = tonumber(ARGV[3])
+local dropped = redis.call('lrange', KEYS[1], cap, -1)
+if #dropped > 0 then
+    redis.call('ltrim', KEYS[1], 0, cap - 1)
+    for _, value in ipairs(dropped) do
+        local target = target_of(value)
+        if target and redis.call('hget', KEYS[2], target) == value then
+            redis.call('hdel', KEYS[2], target)
+        end
+    end
+end
+return 1
+"""
+)
+
+_CLEAR_DEAD_LETTERS_SCRIPT = (
+    _DEAD_LETTER_TARGET_LUA
+    + """
+-- ARGV: the targets just delivered.
+local removed = 0
+for _, target in ipairs(ARGV) do
+    local value = redis.call('hget', KEYS[2], target)
+    if value then
+        removed = removed + redis.call('lrem', KEYS[1], 0, value)
+        redis.call('hdel', KEYS[2], target)
+    end
+end
+return removed
+"""
+)
+
+
 def _redact_url(url: str) -> tuple[str, list[str]]:
     """The URL with any password replaced by ``***``, and the secret strings to scrub from messages."""
     try:
@@ -325,6 +409,8 @@ class RedisStore:
         self._renew = self.client.register_script(_RENEW_SCRIPT)
         self._release = self.client.register_script(_RELEASE_SCRIPT)
         self._shared = self.client.register_script(_SHARED_SCRIPT)
+        self._add_dead_letter = self.client.register_script(_ADD_DEAD_LETTER_SCRIPT)
+        self._clear_dead_letters = self.client.register_script(_CLEAR_DEAD_LETTERS_SCRIPT)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url!r}, key_prefix={self.key_prefix!r})"
@@ -447,11 +533,16 @@ class RedisStore:
     # delivery
 
     def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+        """The snapshot, the markers and, for each ``sent`` marker, the removal of that deployment's dead letter
+        for that connection: one transaction."""
         value = _marker_value()
+        delivered = _delivered_targets(markers)
         with self._guard("record delivery"), self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self._snap_key(key.cluster), key.qualified_name, snapshot.to_json())
             for marker in markers:
                 pipe.set(self._mark_key(marker), value)
+            if delivered:
+                self._clear_dead_letters(keys=self._dead_letter_keys(), args=delivered, client=pipe)
             pipe.execute()
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
@@ -538,8 +629,13 @@ class RedisStore:
             values = self.client.lrange(self._key(list_name), 0, limit - 1)
         return [data for value in values if (data := _decode(value, list_name)) is not None]
 
+    def _dead_letter_keys(self) -> list[str]:
+        return [self._key("dead-letters"), self._key("dead-letters-index"), self._key("dead-letters-indexed")]
+
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None:
-        self._push("dead-letters", DEAD_LETTER_CAP, entry)
+        target = _dead_letter_target(entry) or ""
+        with self._guard("write dead-letters"):
+            self._add_dead_letter(keys=self._dead_letter_keys(), args=[target, _encode(entry), DEAD_LETTER_CAP])
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._range("dead-letters", limit)
@@ -576,7 +672,7 @@ CREATE TABLE IF NOT EXISTS locks (
     PRIMARY KEY (prefix, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL
+    id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL, target TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_prefix ON dead_letters (prefix, id);
 CREATE TABLE IF NOT EXISTS runs (
@@ -619,6 +715,7 @@ class SQLiteStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _add_dead_letter_targets(conn)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         except sqlite3.Error as error:
             self._conn.close()
@@ -720,6 +817,8 @@ class SQLiteStore:
     # delivery
 
     def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+        """The snapshot, the markers and, for each ``sent`` marker, the removal of that deployment's dead letter
+        for that connection: one transaction."""
         created = _format_instant(datetime.now(UTC))
         with self._write() as conn:
             conn.execute(
@@ -729,6 +828,10 @@ class SQLiteStore:
             conn.executemany(
                 "INSERT OR REPLACE INTO markers VALUES (?, ?, ?)",
                 [(self.key_prefix, marker, created) for marker in markers],
+            )
+            conn.executemany(
+                "DELETE FROM dead_letters WHERE prefix = ? AND target = ?",
+                [(self.key_prefix, target) for target in _delivered_targets(markers)],
             )
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
@@ -849,7 +952,19 @@ class SQLiteStore:
         return [data for (text,) in rows if (data := _decode(text, table)) is not None]
 
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None:
-        self._push("dead_letters", DEAD_LETTER_CAP, entry)
+        target = _dead_letter_target(entry)
+        with self._write() as conn:
+            if target is not None:
+                conn.execute("DELETE FROM dead_letters WHERE prefix = ? AND target = ?", (self.key_prefix, target))
+            conn.execute(
+                "INSERT INTO dead_letters (prefix, json, target) VALUES (?, ?, ?)",
+                (self.key_prefix, _encode(entry), target),
+            )
+            conn.execute(
+                "DELETE FROM dead_letters WHERE prefix = ? AND id <= "
+                "(SELECT id FROM dead_letters WHERE prefix = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.key_prefix, self.key_prefix, DEAD_LETTER_CAP),
+            )
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._range("dead_letters", limit)
@@ -859,6 +974,23 @@ class SQLiteStore:
 
     def run_summaries(self, limit: int = 20) -> list[dict[str, Any]]:
         return self._range("runs", limit)
+
+
+def _add_dead_letter_targets(conn: sqlite3.Connection) -> None:
+    """A state file written before dead letters had a ``target`` column gets it, filled from each entry, so a
+    later delivery takes those off the list too. Idempotent; an older reconciler still reads and writes the table."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+    if "target" not in columns:
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN target TEXT")
+        rows = conn.execute("SELECT id, json FROM dead_letters").fetchall()
+        updates = []
+        for row_id, text in rows:
+            data = _decode(text, "dead letter")
+            target = _dead_letter_target(data) if data is not None else None
+            if target is not None:
+                updates.append((target, row_id))
+        conn.executemany("UPDATE dead_letters SET target = ? WHERE id = ?", updates)
+    conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_target ON dead_letters (prefix, target)")
 
 
 # -- run lock ------------------------------------------------------------------------------------

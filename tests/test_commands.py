@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import at, git_source, history_entry, make_app, operation_state, set_health
-from tests.scenarios import baselined, deployed_app, new_deployment
+from tests.scenarios import baselined, deployed_app, new_deployment, settled_app
 from tests.world import IMAGE_REPO, World, log_lines
 
 
@@ -166,3 +167,49 @@ def test_a_dead_lettered_deployment_is_left_by_runs_and_retried_by_a_backfill(
 
         assert world.run("--since", "2025-06-03T09:20:00Z", command="backfill") == 0
         assert [p["id"].rsplit(":", 1)[1] for p in world.posts()] == ["h1"], "retried once the cause is fixed"
+        capsys.readouterr()
+        assert world.run(command="status") == 0
+        assert "dead letters (0):" in capsys.readouterr().out, "delivered: no longer a dead letter"
+        assert world.run("--json", command="status") == 0
+        assert json.loads(capsys.readouterr().out)["dead_letters"] == []
+
+
+def test_status_shows_what_the_last_runs_decided_held_back_and_could_not_do(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clusters = [
+        {"name": "prod-east", "applications_file": "east.json"},
+        {"name": "prod-west", "applications_file": "west.json"},
+    ]
+    with World(tmp_path, state_url, monkeypatch, config={"clusters": clusters}) as world:
+
+        def export(name: str, apps: list[dict[str, Any]]) -> None:
+            (tmp_path / name).write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": apps}))
+
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        payments = deployed_app(world, gitops[0], images[0])
+        orders = settled_app("orders-api", gitops[0], images[0])
+        export("east.json", [payments, orders])
+        export("west.json", [])
+        assert world.run() == 0
+        rolling = set_health(new_deployment(orders, 1, gitops[1], images[1], minute=30), "Progressing", at(30))
+        export("east.json", [new_deployment(payments, 1, gitops[1], images[1], minute=30), rolling])
+        (tmp_path / "west.json").unlink()
+        world.github.exhaust_rate_limit(at(120))
+        assert world.run() == 1
+        capsys.readouterr()
+
+        assert world.run(command="status") == 0
+        lines = capsys.readouterr().out.splitlines()
+
+    assert lines[0] == "last 2 run(s), newest first:"
+    seconds = lines[1].rsplit(", ", 1)[1]
+    assert lines[1].endswith(
+        f" run exit 1: 2 apps, 0 success, 0 failed, 1 pending, 1 deferred, 0 sent, 0 dead-lettered, {seconds}"
+    ), "the Progressing deployment waits for its verdict; the rate-limited one for GitHub"
+    assert lines[2] == (
+        "    error: cluster prod-west: Applications file west.json: cannot read it: No such file or directory"
+    ), "under the run that met it"
+    assert " run exit 0: 2 apps, 0 success, 0 failed, 0 pending, 0 deferred, 0 sent, 0 dead-lettered" in lines[3]
+    assert lines[4:] == ["dead letters (0):"]

@@ -463,6 +463,98 @@ def test_dead_letter_values_that_are_not_json_are_kept_as_text(store: Store) -> 
     assert store.dead_letters() == [{"at": "2024-05-01T12:00:00+00:00", "ids": ["a", "b"], "error": "bad payload"}]
 
 
+def letter(connection: int, deployment_id: str, message: str = "HTTP 400") -> dict[str, Any]:
+    return {"connection": connection, "deployment_id": deployment_id, "status": 400, "message": message}
+
+
+def test_a_delivery_takes_its_dead_letter_off_the_list_for_that_connection_only(store: Store) -> None:
+    h1, h2 = "argocd:prod:argocd:api:9f1c2d3e:h1", "argocd:prod:argocd:api:9f1c2d3e:h2"
+    store.add_dead_letter(letter(1, h1))
+    store.add_dead_letter(letter(2, h1))
+    store.add_dead_letter(letter(1, h2))
+    store.add_dead_letter({"reason": "an entry of unknown target"})
+
+    store.record_delivery(app("api"), snapshot(), [f"sent:1:{h1}", f"deduped:1:{h2}", f"rejected:2:{h1}"])
+
+    assert store.dead_letters() == [{"reason": "an entry of unknown target"}, letter(1, h2), letter(2, h1)], (
+        "only the (connection, deployment) that was sent; deduped and rejected markers deliver nothing"
+    )
+    store.record_delivery(app("api"), snapshot(), [f"sent:2:{h1}", f"sent:1:{h2}", "sent:3:never-dead-lettered"])
+    assert store.dead_letters() == [{"reason": "an entry of unknown target"}]
+
+
+def test_a_dead_letter_refused_again_replaces_the_older_one(store: Store) -> None:
+    store.add_dead_letter(letter(1, "h1", "first refusal"))
+    store.add_dead_letter(letter(1, "h2"))
+    store.add_dead_letter(letter(1, "h1", "second refusal"))
+
+    assert store.dead_letters() == [letter(1, "h1", "second refusal"), letter(1, "h2")]
+    store.record_delivery(app("api"), snapshot(), ["sent:1:h1"])
+    assert store.dead_letters() == [letter(1, "h2")]
+
+
+def test_a_delivery_failing_midway_keeps_its_dead_letter(store: Store, request: pytest.FixtureRequest) -> None:
+    store.add_dead_letter(letter(1, "h8"))
+
+    with _failing_marker(store, "boom", request) as failing, pytest.raises(StoreUnavailable):
+        failing.record_delivery(app("api"), snapshot(history_id=8), ["sent:1:h8", "boom"])
+
+    assert store.dead_letters() == [letter(1, "h8")], "taken off only with the sent marker, in one transaction"
+
+
+def test_dead_letters_trimmed_by_the_cap_are_not_taken_off_again(store: Store) -> None:
+    for n in range(DEAD_LETTER_CAP + 3):
+        store.add_dead_letter(letter(1, f"h{n}"))
+
+    store.record_delivery(app("api"), snapshot(), ["sent:1:h0", "sent:1:h1", "sent:1:h3"])
+
+    remaining = store.dead_letters(limit=DEAD_LETTER_CAP)
+    assert len(remaining) == DEAD_LETTER_CAP - 1
+    assert remaining[-1] == letter(1, "h4") and remaining[0] == letter(1, f"h{DEAD_LETTER_CAP + 2}")
+    if isinstance(store, RedisStore):
+        index = store.client.hkeys(f"{store.key_prefix}:dead-letters-index")
+        assert sorted(index) == sorted(f"1:h{n}" for n in range(4, DEAD_LETTER_CAP + 3)), "the index follows the list"
+
+
+@pytest.fixture
+def reopened_sqlite_store(sqlite_store: SQLiteStore) -> Iterator[SQLiteStore]:
+    """The SQLite store's file opened again, by a new process: after its schema was changed behind its back."""
+    sqlite_store.close()
+    store = SQLiteStore(sqlite_store.path, sqlite_store.key_prefix)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def test_dead_letters_written_before_they_were_indexed_leave_the_list_when_delivered(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
+    """A store that already held dead letters when this version was installed."""
+    old = [letter(1, "h1"), letter(1, "h2")]
+    if isinstance(store, RedisStore):
+        for entry in old:
+            store.client.lpush(f"{store.key_prefix}:dead-letters", json.dumps({"version": 1, "data": entry}))
+    else:
+        assert isinstance(store, SQLiteStore)
+        with _sqlite(store) as conn:
+            conn.execute("DROP TABLE dead_letters")
+            conn.execute(
+                "CREATE TABLE dead_letters"
+                " (id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL)"
+            )
+            for entry in old:
+                conn.execute(
+                    "INSERT INTO dead_letters (prefix, json) VALUES (?, ?)",
+                    (store.key_prefix, json.dumps({"version": 1, "data": entry})),
+                )
+        store = request.getfixturevalue("reopened_sqlite_store")
+
+    store.record_delivery(app("api"), snapshot(), ["sent:1:h1"])
+
+    assert store.dead_letters() == [letter(1, "h2")]
+
+
 def test_run_summaries_newest_first_and_capped(store: Store) -> None:
     for n in range(RUN_SUMMARY_CAP + 5):
         store.add_run_summary({"run": n, "delivered": n * 2})
@@ -501,12 +593,22 @@ def test_redis_values_are_versioned_json_under_the_prefix(redis_store: RedisStor
     store.set_initialized_at("prod", T0)
     store.acquire_lock("run", "me", 60)
     store.add_dead_letter({"reason": "400"})
+    store.add_dead_letter({"connection": 1, "deployment_id": "y", "status": 400})
     store.add_run_summary({"delivered": 1})
 
     client, prefix = store.client, store.key_prefix
     assert sorted(client.scan_iter(match=f"{prefix}:*")) == sorted(
         f"{prefix}:{suffix}"
-        for suffix in ("snap:prod", "mark:sent:1:x", "cluster:prod", "lock:run", "dead-letters", "runs")
+        for suffix in (
+            "snap:prod",
+            "mark:sent:1:x",
+            "cluster:prod",
+            "lock:run",
+            "dead-letters",
+            "dead-letters-index",
+            "dead-letters-indexed",
+            "runs",
+        )
     )
     values = [
         client.hget(f"{prefix}:snap:prod", "argocd/api"),
@@ -514,6 +616,8 @@ def test_redis_values_are_versioned_json_under_the_prefix(redis_store: RedisStor
         client.get(f"{prefix}:cluster:prod"),
         client.get(f"{prefix}:lock:run"),
         *client.lrange(f"{prefix}:dead-letters", 0, -1),
+        *client.hvals(f"{prefix}:dead-letters-index"),
+        client.get(f"{prefix}:dead-letters-indexed"),
         *client.lrange(f"{prefix}:runs", 0, -1),
     ]
     assert all(isinstance(value, str) and json.loads(value)["version"] == 1 for value in values)
