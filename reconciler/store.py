@@ -410,7 +410,6 @@ class RedisStore:
         self._release = self.client.register_script(_RELEASE_SCRIPT)
         self._shared = self.client.register_script(_SHARED_SCRIPT)
         self._add_dead_letter = self.client.register_script(_ADD_DEAD_LETTER_SCRIPT)
-        self._clear_dead_letters = self.client.register_script(_CLEAR_DEAD_LETTERS_SCRIPT)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url!r}, key_prefix={self.key_prefix!r})"
@@ -542,7 +541,10 @@ class RedisStore:
             for marker in markers:
                 pipe.set(self._mark_key(marker), value)
             if delivered:
-                self._clear_dead_letters(keys=self._dead_letter_keys(), args=delivered, client=pipe)
+                # EVAL, not the registered script's EVALSHA: a pipeline with scripts first asks SCRIPT EXISTS (one
+                # more round trip per delivery), and a NOSCRIPT inside MULTI would not abort the transaction.
+                keys = self._dead_letter_keys()
+                pipe.eval(_CLEAR_DEAD_LETTERS_SCRIPT, len(keys), *keys, *delivered)
             pipe.execute()
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
