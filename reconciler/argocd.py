@@ -636,12 +636,11 @@ class FileLister:
     file cannot be read or is not a list of Applications.
     """
 
-    def __init__(self, cluster: ClusterConfig, path: str | os.PathLike[str] | None = None) -> None:
-        source = path if path is not None else cluster.applications_file
-        if source is None:
+    def __init__(self, cluster: ClusterConfig) -> None:
+        if cluster.applications_file is None:
             raise ValueError(f"cluster {cluster.name} has no applications_file")
         self.cluster = cluster
-        self.path = Path(source).expanduser()
+        self.path = Path(cluster.applications_file).expanduser()
 
     @property
     def name(self) -> str:
@@ -710,10 +709,13 @@ class FileLister:
         """JSON (what ``-o json`` writes: it starts with ``{``) decoded as an API page is, else YAML documents."""
         stripped = text.lstrip()
         if stripped.startswith(("{", "[")):
+            array = stripped.startswith("[")
             try:
-                return [decode_page(stripped)]
+                # An array (``jq .items``) is decoded as a page's items are: one item at a time if need be.
+                page = decode_page('{"items":' + stripped + "}" if array else stripped)
             except ValueError as error:
                 raise self._unavailable(f"not valid JSON: {_first_line(str(error))}") from None
+            return [page["items"] if array else page]
         try:
             return [document for document in yaml.load_all(text, Loader=_ExportLoader) if document is not None]
         except (yaml.YAMLError, RecursionError) as error:

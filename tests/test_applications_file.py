@@ -193,6 +193,13 @@ def test_an_item_too_deep_to_decode_stands_in_as_unreadable_and_the_others_are_r
     path.write_text(text.replace('"@"', deep.body.decode()))
 
     items = [item for page in FileLister(file_cluster(path, namespaces=["argocd"])).pages() for item in page]
+    array = tmp_path / "items.json"
+    array.write_text(json.dumps([app("before"), "@", app("after")]).replace('"@"', deep.body.decode()))
+    assert [type(item) for page in FileLister(file_cluster(array)).pages() for item in page] == [
+        dict,
+        UnreadableApplication,
+        dict,
+    ], "a JSON array of Applications too"
 
     assert items[0] == app("before") and items[2] == app("after")
     unreadable = items[1]
