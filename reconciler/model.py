@@ -173,6 +173,95 @@ class PendingVerdict:
 
 
 @dataclass(frozen=True)
+class EntryRecord:
+    """A history entry as the snapshot keeps it until its deployment is delivered, so that it can still be
+    emitted once ``status.history`` no longer holds it (``revisionHistoryLimit``, a history reset, a new uid)."""
+
+    uid: str
+    """The Application (``metadata.uid``) the entry belongs to: part of its deployment id."""
+    ref: str
+    """Its deployment's ref (``h12``, or ``h0-1748941200`` after a history restart)."""
+    id: int
+    revisions: tuple[str, ...]
+    deployed_at: datetime
+    started_at: datetime | None
+    sources: tuple[SourceRef, ...]
+    source_fingerprint: str
+    images: tuple[str, ...] = ()
+    """What its sync applied, when it was known; empty: unknown."""
+
+    def history_entry(self) -> HistoryEntry:
+        return HistoryEntry(
+            id=self.id,
+            revisions=self.revisions,
+            deployed_at=self.deployed_at,
+            started_at=self.started_at,
+            sources=self.sources,
+            source_fingerprint=self.source_fingerprint,
+        )
+
+    def same_entry(self, entry: HistoryEntry) -> bool:
+        """The same sync as ``entry``: ids repeat after a history restart, ``deployedAt`` with them does not."""
+        return self.id == entry.id and self.deployed_at == entry.deployed_at
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "ref": self.ref,
+            "id": self.id,
+            "revisions": list(self.revisions),
+            "deployed_at": format_time(self.deployed_at),
+            "started_at": _format_optional(self.started_at),
+            "sources": [
+                {"repo_url": s.repo_url, "path": s.path, "chart": s.chart, "target_revision": s.target_revision}
+                for s in self.sources
+            ],
+            "source_fingerprint": self.source_fingerprint,
+            "images": list(self.images),
+        }
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> EntryRecord:
+        return cls(
+            uid=str(data["uid"]),
+            ref=str(data["ref"]),
+            id=int(data["id"]),
+            revisions=tuple(str(r) for r in data.get("revisions", [])),
+            deployed_at=parse_time(data["deployed_at"]),
+            started_at=_parse_optional(data.get("started_at")),
+            sources=tuple(
+                SourceRef(
+                    repo_url=str(s["repo_url"]),
+                    path=s.get("path"),
+                    chart=s.get("chart"),
+                    target_revision=s.get("target_revision"),
+                )
+                for s in data.get("sources", [])
+            ),
+            source_fingerprint=str(data["source_fingerprint"]),
+            images=tuple(str(i) for i in data.get("images", [])),
+        )
+
+
+@dataclass(frozen=True)
+class DecidedVerdict:
+    """A history entry's verdict once decided, kept until its deployment is delivered: a re-plan (after a failed
+    delivery, a crash, a held-back deployment) delivers it as decided, whatever the live status says by then."""
+
+    entry: EntryRecord
+    result: Result
+    reason: str
+
+    def to_data(self) -> dict[str, Any]:
+        return {"entry": self.entry.to_data(), "result": self.result.value, "reason": self.reason}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> DecidedVerdict:
+        entry = EntryRecord.from_data(data["entry"])
+        return cls(entry=entry, result=Result(data["result"]), reason=str(data["reason"]))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the store remembers of one Application between ticks."""
 
@@ -193,6 +282,23 @@ class Snapshot:
     settled_digest: str | None = None
     """Digest of what the planner read (``settled.settled_digest``) when the last tick left nothing to
     decide; the same digest next time means the Application did not change and need not be parsed."""
+    covered_until: datetime | None = None
+    """The newest ``deployedAt`` among the history entries recorded (delivered, or folded into a baseline): an
+    entry deployed at or before it is not new, whatever its id or the uid say (history restarts, re-applied
+    Applications). ``None`` in snapshots written before it existed."""
+    history_restarts: int = 0
+    """History id restarts detected under this uid. From the first one on, history refs carry the entry's
+    ``deployedAt`` (``h0-1748941200``) so that they never repeat an id of the generation before."""
+    pending_entry: EntryRecord | None = None
+    """The entry ``pending`` waits for, kept so that it is still emitted if it leaves ``status.history``."""
+    decided: tuple[DecidedVerdict, ...] = ()
+    """Verdicts decided but not delivered yet, oldest entry first."""
+    last_image_change: str | None = None
+    """Ref of the last image-only deployment recorded: part of the next one's ref, so each occurrence of a
+    change (A -> B -> A -> B) gets its own id."""
+    rollout_since: datetime | None = None
+    """Start of the oldest sync recorded whose rollout was never seen to end (decided as superseded, or
+    recorded by a baseline of an unsettled app); ``None`` once a verdict came from the app's health."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -213,9 +319,28 @@ class Snapshot:
                     else {"history_id": self.pending.history_id, "since": format_time(self.pending.since)}
                 ),
                 "deleting_since": _format_optional(self.deleting_since),
+                **self._additions(),
             },
             separators=(",", ":"),
         )
+
+    def _additions(self) -> dict[str, Any]:
+        """Fields added after version 1, written only when set: a snapshot that does not use them is stored
+        byte for byte as version 1 wrote it, and a version-1 reader ignores keys it does not know."""
+        data: dict[str, Any] = {}
+        if self.covered_until is not None:
+            data["covered_until"] = format_time(self.covered_until)
+        if self.history_restarts:
+            data["history_restarts"] = self.history_restarts
+        if self.pending_entry is not None:
+            data["pending_entry"] = self.pending_entry.to_data()
+        if self.decided:
+            data["decided"] = [verdict.to_data() for verdict in self.decided]
+        if self.last_image_change is not None:
+            data["last_image_change"] = self.last_image_change
+        if self.rollout_since is not None:
+            data["rollout_since"] = format_time(self.rollout_since)
+        return data
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Snapshot:
@@ -240,6 +365,12 @@ class Snapshot:
             ),
             deleting_since=_parse_optional(data.get("deleting_since")),
             settled_digest=data.get("settled_digest"),
+            covered_until=_parse_optional(data.get("covered_until")),
+            history_restarts=int(data.get("history_restarts", 0)),
+            pending_entry=(None if data.get("pending_entry") is None else EntryRecord.from_data(data["pending_entry"])),
+            decided=tuple(DecidedVerdict.from_data(item) for item in data.get("decided", [])),
+            last_image_change=data.get("last_image_change"),
+            rollout_since=_parse_optional(data.get("rollout_since")),
         )
 
     def evolve(self, **changes: Any) -> Snapshot:

@@ -18,7 +18,7 @@ import pytest
 from freezegun import freeze_time
 
 from reconciler.config import StateConfig
-from reconciler.model import AppKey, PendingVerdict, Snapshot
+from reconciler.model import AppKey, DecidedVerdict, EntryRecord, PendingVerdict, Result, Snapshot, SourceRef
 from reconciler.store import (
     DEAD_LETTER_CAP,
     RUN_SUMMARY_CAP,
@@ -47,6 +47,26 @@ def snapshot(uid: str = "9f1c2d3e-0000-4000-8000-000000000001", history_id: int 
         last_deployment_started_at=T0 - timedelta(minutes=5),
         pending=PendingVerdict(history_id=history_id, since=T0 - timedelta(minutes=1)),
         deleting_since=T0 + timedelta(hours=1),
+        covered_until=T0 - timedelta(minutes=4),
+        history_restarts=2,
+        pending_entry=_kept(uid, "h7-1717225200", history_id),
+        decided=(DecidedVerdict(_kept(uid, "h6-1717224900", history_id - 1, images=()), Result.FAILED, "Degraded"),),
+        last_image_change="img-0123456789ab",
+        rollout_since=T0 - timedelta(minutes=5),
+    )
+
+
+def _kept(uid: str, ref: str, history_id: int, images: tuple[str, ...] = ("ghcr.io/acme/api:3f2a9c1",)) -> EntryRecord:
+    return EntryRecord(
+        uid=uid,
+        ref=ref,
+        id=history_id,
+        revisions=("3.4.2", "a" * 40),
+        deployed_at=T0 - timedelta(minutes=2),
+        started_at=None,
+        sources=(SourceRef("https://charts.acme.io", chart="api", target_revision="3.4.*"), SourceRef("https://x")),
+        source_fingerprint="fp-3",
+        images=images,
     )
 
 
