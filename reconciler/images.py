@@ -202,13 +202,18 @@ class CommitImages:
 
     The planner asks this for every Application on every tick; sidecar and base images recur across most of
     them, so each distinct reference is parsed once (up to ``max_references``, then the rest are not kept).
+
+    ``mapped_only``: leave out commit-tagged images no ``images.repositories`` rule maps to a GitHub repository,
+    unless ``images.search_fallback`` may still find one. A changed image is one whose (GitHub repository -> SHA)
+    changed (``docs/design.md`` §4): a platform sidecar's commit tag is not a deployment of the app.
     """
 
-    def __init__(self, images: ImagesConfig, max_references: int = 20_000) -> None:
+    def __init__(self, images: ImagesConfig, max_references: int = 20_000, *, mapped_only: bool = False) -> None:
         self._rule = CommitTagRule(images.commit_tag_pattern)
         self._mapper = RepositoryMapper(images)
         self._max = max_references
         self._known: dict[str, tuple[str, str] | None] = {}
+        self._mapped_only = mapped_only and not images.search_fallback
 
     def __call__(self, refs: Iterable[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -236,5 +241,7 @@ class CommitImages:
         except InvalidImageReference:
             return None
         if image.tag is None or self._mapper.ignored(image) or self._rule.commit_of(image.tag) is None:
+            return None
+        if self._mapped_only and self._mapper.repository_for(image) is None:
             return None
         return image.repository, image.tag

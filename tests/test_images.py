@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import ImagesConfig
 from reconciler.images import (
+    CommitImages,
     CommitTagRule,
     InvalidImageReference,
     RepositoryMapper,
@@ -306,3 +307,15 @@ def test_commit_images_honours_a_configured_pattern() -> None:
     images = _images(commit_tag_pattern=r"git-(?P<sha>[0-9a-f]{40})")
     refs = ["quay.io/acme/api:git-" + SHA, "quay.io/acme/web:" + SHA]
     assert commit_images(refs, images) == {"quay.io/acme/api": "git-" + SHA}
+
+
+def test_commit_images_for_comparisons_leaves_out_images_no_rule_maps_unless_search_may_find_them() -> None:
+    rules = [{"image": r"quay\.io/acme/(?P<name>[^/]+)", "repo": "acme/{name}"}]
+    refs = ["quay.io/acme/api:" + SHA, "registry.acme.io/platform/log-agent:3f9c2ab", "quay.io/acme/web:abc1234"]
+    assert CommitImages(_images(repositories=rules), mapped_only=True)(refs) == {
+        "quay.io/acme/api": SHA,
+        "quay.io/acme/web": "abc1234",
+    }
+    searched = CommitImages(_images(repositories=rules, search_fallback=True), mapped_only=True)(refs)
+    assert searched["registry.acme.io/platform/log-agent"] == "3f9c2ab"
+    assert len(CommitImages(_images(repositories=rules))(refs)) == 3, "every commit-tagged image by default"
