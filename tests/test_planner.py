@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.application import parse_application
+from reconciler.config import ImagesConfig
+from reconciler.images import CommitImages
 from reconciler.model import (
     RECENT_ENTRIES_KEPT,
     AppObservation,
@@ -24,7 +26,14 @@ from reconciler.model import (
     Snapshot,
     format_time,
 )
-from reconciler.planner import Plan, PlannerPolicy, plan
+from reconciler.planner import (
+    CLOCK_SKEW_ALLOWANCE,
+    Plan,
+    PlannerPolicy,
+    initialization_cutoff,
+    newest_argocd_time,
+    plan,
+)
 from tests.factories import (
     OMIT,
     append_history,
@@ -755,7 +764,7 @@ def test_history_ids_restarted_under_the_same_uid_are_new() -> None:
     snapshot = baseline(synced_app([entry(8, 8, -60), entry(9, 9, -50)]))
     app = synced_app([entry(0, 10, 0)], images=[image(10)])
     result = tick(app, snapshot, at(2))
-    assert refs(result) == ["h0"] and result.snapshot.last_history_id == 0
+    assert refs(result) == [f"h0-{epoch(0)}"] and result.snapshot.last_history_id == 0
 
 
 # -- partial and self-heal syncs ---------------------------------------------------------------------------
@@ -805,6 +814,468 @@ def test_append_history_truncates_like_revision_history_limit() -> None:
         app = append_history(app, entry(i, i, i), limit=3)
     assert [e.id for e in observe(app).history] == [2, 3, 4]
     assert observe(with_history(app, [])).history == ()
+
+
+# -- health that predates the sync -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("health", ["Suspended", "Progressing"])
+def test_a_health_state_older_than_the_sync_is_not_its_verdict(health: str) -> None:
+    """A paused CronJob or Rollout, a KEDA-scaled object, a LoadBalancer that never gets an address."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health=health, transition=at(-30))
+    result = tick(app, snapshot, at(2))
+    (h2,) = result.deployments
+    assert h2.result is Result.SUCCESS and h2.ref == "h2"
+    assert h2.message == f"{health} since 2025-06-03T08:30:00Z, before this sync: not caused by it"
+    assert result.snapshot.pending is None and result.snapshot.last_history_id == 2
+
+
+def test_an_app_unhealthy_since_before_its_baseline_gets_success_for_its_next_sync() -> None:
+    """Recorded while Progressing (its Ingress never got an address): the next sync does not change that."""
+    before = synced_app([entry(1, 1, -60)], health="Progressing", transition=at(-90))
+    snapshot = baseline(before)
+    app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Progressing", transition=at(-90))
+    (h2,) = tick(app, snapshot, at(2)).deployments
+    assert h2.result is Result.SUCCESS and "before this sync" in h2.message
+
+
+def test_without_last_transition_time_a_suspended_app_waits_for_the_timeout_as_before() -> None:
+    """Controllers before v2.14 say nothing of when the health changed: nothing tells it predates the sync."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Suspended", transition=None)
+    first = tick(app, snapshot, at(2))
+    assert first.deployments == () and first.snapshot.pending == PendingVerdict(2, at(2))
+    (h2,) = tick(app, first.snapshot, at(62)).deployments
+    assert h2.result is Result.FAILED and "no health verdict within 1h" in h2.message
+
+
+def test_progressing_since_an_earlier_sync_whose_rollout_never_ended_is_still_pending() -> None:
+    """Two syncs a minute apart: the second one's rollout continues the first one's, so it may still fail."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    rolling = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Progressing", transition=at(0, seconds=1))
+    first = tick(rolling, snapshot, at(1))
+    assert first.snapshot.pending == PendingVerdict(2, at(1))
+
+    entries = [entry(1, 1, -60), entry(2, 2, 0), entry(3, 3, 2)]
+    again = synced_app(entries, health="Progressing", transition=at(0, seconds=1))
+    second = tick(again, first.snapshot, at(3))
+    assert refs(second) == ["h2"] and second.deployments[0].result is Result.SUCCESS
+    assert second.snapshot.pending == PendingVerdict(3, at(3)), "h3 may still end Degraded"
+    assert second.snapshot.rollout_since == at(0, seconds=-6)
+
+    degraded = tick(set_health(again, "Degraded", at(12)), second.snapshot, at(13))
+    assert refs(degraded) == ["h3"] and degraded.deployments[0].result is Result.FAILED
+    assert degraded.snapshot.rollout_since is None
+
+
+def test_a_sync_superseded_by_a_running_one_leaves_its_rollout_open_for_the_next_entry() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Progressing", transition=at(0, seconds=2))
+    running = with_operation(
+        with_operation_state(app, operation_state("Running", at(2), None, revision=sha(3))), sha(3)
+    )
+    first = tick(running, snapshot, at(3))
+    assert refs(first) == ["h2"] and first.snapshot.rollout_since == at(0, seconds=-6)
+
+    h3 = synced_app(
+        [entry(1, 1, -60), entry(2, 2, 0), history_entry(3, sha(3), at(4), at(2))],
+        health="Progressing",
+        transition=at(0, seconds=2),
+    )
+    second = tick(h3, first.snapshot, at(5))
+    assert second.deployments == () and second.snapshot.pending == PendingVerdict(3, at(5))
+
+
+# -- images of a sync whose old pods are still terminating --------------------------------------------------
+
+
+def test_old_pods_still_listed_when_the_sync_turns_healthy_are_not_a_second_deployment() -> None:
+    """The new ReplicaSet is ready, the old one's pods are terminating: summary.images lists both tags."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)], images=[image("aaa1")]))
+    entries = [entry(1, 1, -60), entry(2, 2, 0)]
+    healthy = synced_app(entries, images=[image("bbb2")], summary=[image("aaa1"), image("bbb2")], transition=at(1))
+
+    first = tick(healthy, snapshot, at(2))
+    (h2,) = first.deployments
+    assert h2.images == (image("bbb2"),)
+    assert first.snapshot.images == {IMAGE: sha("bbb2")[:12]}, "never the tag the sync replaced"
+
+    old_pods_gone = set_summary_images(healthy, [image("bbb2")])
+    assert tick(old_pods_gone, first.snapshot, at(7)).deployments == ()
+
+
+def test_old_pods_still_listed_without_sync_result_images_the_replaced_tag_is_set_aside() -> None:
+    """Before v3.1 there is no syncResult images: the live view is all there is."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)], images=[image("aaa1")]))
+    entries = [entry(1, 1, -60), entry(2, 2, 0)]
+    healthy = synced_app(entries, images=None, summary=[image("aaa1"), image("bbb2")], transition=at(1))
+
+    first = tick(healthy, snapshot, at(2))
+    (h2,) = first.deployments
+    assert h2.images == (image("bbb2"),), "the old pods' tag is not what this deployment deployed"
+    assert first.snapshot.images == {IMAGE: sha("bbb2")[:12]}
+    assert tick(set_summary_images(healthy, [image("bbb2")]), first.snapshot, at(7)).deployments == ()
+
+
+def test_two_tags_of_one_repository_without_a_sync_are_a_rollout_in_flight_not_a_change() -> None:
+    app = synced_app([entry(3, 3, -60)], images=[image("old1")], transition=at(-59))
+    snapshot = baseline(app)
+    rolling = set_health(set_summary_images(app, [image("old1"), image("new1")]), "Healthy", at(4))
+
+    during = tick(rolling, snapshot, at(5))
+    assert during.deployments == ()
+    assert during.snapshot.images == {IMAGE: sha("old1")[:12]}, "the baseline does not move to either tag yet"
+
+    done = set_summary_images(rolling, [image("new1")])
+    after = tick(done, during.snapshot, at(10))
+    (img,) = after.deployments
+    assert img.kind is DeploymentKind.IMAGE and img.images == (image("new1"),)
+    assert after.snapshot.images == {IMAGE: sha("new1")[:12]}
+
+
+# -- commit-tagged images no rule maps ------------------------------------------------------------------
+
+
+SIDECAR = "registry.acme.io/platform/log-agent"
+
+
+def mapped_images(search_fallback: bool = False) -> CommitImages:
+    rules = [{"image": r"quay\.io/acme/(?P<name>[^/]+)", "repo": "acme/{name}"}]
+    config = ImagesConfig.model_validate({"repositories": rules, "search_fallback": search_fallback})
+    return CommitImages(config, mapped_only=True)
+
+
+def test_a_commit_tagged_sidecar_no_rule_maps_changing_its_tag_is_not_a_deployment() -> None:
+    app = synced_app([entry(3, 3, -60)], summary=[image("aaa1"), f"{SIDECAR}:3f9c2ab"], transition=at(-59))
+    snapshot = tick(app, None, BASELINE_AT, initialized_at=None, commit_images=mapped_images()).snapshot
+    assert snapshot.images == {IMAGE: sha("aaa1")[:12]}
+    bumped = set_health(set_summary_images(app, [image("aaa1"), f"{SIDECAR}:5d1e0c4"]), "Healthy", at(4))
+
+    assert tick(bumped, snapshot, at(5), commit_images=mapped_images()).deployments == ()
+    searched = tick(app, None, BASELINE_AT, initialized_at=None, commit_images=mapped_images(search_fallback=True))
+    assert searched.snapshot.images[SIDECAR] == "3f9c2ab", "commit search may still find its repository"
+    (img,) = tick(bumped, searched.snapshot, at(5), commit_images=mapped_images(search_fallback=True)).deployments
+    assert img.kind is DeploymentKind.IMAGE
+
+
+# -- decided verdicts survive a failed delivery -------------------------------------------------------------
+
+
+def test_a_failure_decided_but_not_delivered_is_delivered_as_decided_after_the_fix() -> None:
+    """Degraded after the sync: FAILED. DevLake is down; a fix is deployed; the failure must not become SUCCESS."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)], images=[image(1)]))
+    broken = synced_app([entry(1, 1, -60), entry(2, 2, 0)], images=[image(2)], health="Degraded", transition=at(5))
+    decided = tick(broken, snapshot, at(6))
+    (h2,) = decided.deployments
+    assert h2.result is Result.FAILED
+    stored = decided.decided_snapshot
+    assert stored is not None and stored.last_history_id == 1, "nothing is marked delivered"
+    assert stored.last_seen == snapshot.last_seen and stored.images == snapshot.images
+    assert [(d.entry.ref, d.result) for d in stored.decided] == [("h2", Result.FAILED)]
+    assert stored.decided[0].entry.images == (image(2),)
+    assert Snapshot.from_json(stored.to_json()) == stored
+
+    fixed = synced_app([entry(1, 1, -60), entry(2, 2, 0), entry(3, 3, 20)], images=[image(3)], transition=at(21))
+    later = tick(fixed, stored, at(22))
+    assert [(d.ref, d.result) for d in later.deployments] == [("h2", Result.FAILED), ("h3", Result.SUCCESS)]
+    assert later.deployments[0].message == h2.message
+    assert [d.entry.ref for d in later.deployments[0].snapshot_after.decided] == ["h3"], "h3 is not delivered yet"
+    assert later.deployments[0].images == (image(2),)
+    assert later.snapshot.decided == () and later.snapshot.last_history_id == 3
+    assert_chain(later)
+
+    replanned = tick(fixed, snapshot, at(22))
+    assert replanned.deployments[0].result is Result.SUCCESS, "without the stored verdict it would flip"
+
+
+def test_a_success_decided_but_not_delivered_stays_a_success_when_the_app_degrades_later() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    healthy = synced_app([entry(1, 1, -60), entry(2, 2, 0)], transition=at(2))
+    decided = tick(healthy, snapshot, at(3))
+    stored = decided.decided_snapshot
+    assert stored is not None
+    degraded = set_health(healthy, "Degraded", at(30))
+    (h2,) = tick(degraded, stored, at(31)).deployments
+    assert h2.result is Result.SUCCESS and h2.message == "Healthy"
+
+
+def test_each_snapshot_after_keeps_the_verdicts_of_the_deployments_after_it() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    entries = [entry(1, 1, -60), entry(2, 2, 0), entry(3, 3, 5)]
+    result = tick(synced_app(entries, health="Degraded", transition=at(6)), snapshot, at(7))
+    h2, h3 = result.deployments
+    assert [d.entry.ref for d in h2.snapshot_after.decided] == ["h3"]
+    assert h2.snapshot_after.decided[0].result is Result.FAILED
+    assert h3.snapshot_after.decided == ()
+
+    crashed_after_h2 = tick(set_health(synced_app(entries), "Healthy", at(8)), h2.snapshot_after, at(9))
+    assert [(d.ref, d.result) for d in crashed_after_h2.deployments] == [("h3", Result.FAILED)]
+
+
+def test_a_backfill_honours_a_decided_verdict_not_delivered_yet() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    broken = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Degraded", transition=at(5))
+    stored = tick(broken, snapshot, at(6)).decided_snapshot
+    assert stored is not None
+    fixed = synced_app([entry(1, 1, -60), entry(2, 2, 0), entry(3, 3, 20)], transition=at(21))
+    result = tick(fixed, stored, at(22), backfill=True)
+    assert [(d.ref, d.result) for d in result.deployments] == [
+        ("h1", Result.SUCCESS),
+        ("h2", Result.FAILED),
+        ("h3", Result.SUCCESS),
+    ]
+
+
+def test_a_decided_verdict_whose_entry_left_the_history_is_delivered_from_the_snapshot() -> None:
+    """DevLake down while more syncs push the failed entry out of a short history (revisionHistoryLimit 2)."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    broken = synced_app([entry(1, 1, -60), entry(2, 2, 0)], images=[image(2)], health="Degraded", transition=at(5))
+    stored = tick(broken, snapshot, at(6)).decided_snapshot
+    assert stored is not None
+    later = synced_app([entry(3, 3, 20), entry(4, 4, 30)], images=[image(4)], transition=at(31))
+    result = tick(later, stored, at(32))
+    assert [(d.ref, d.result) for d in result.deployments] == [
+        ("h2", Result.FAILED),
+        ("h3", Result.SUCCESS),
+        ("h4", Result.SUCCESS),
+    ]
+    assert result.deployments[0].images == (image(2),) and result.deployments[0].revisions == (sha(2),)
+    assert result.deployments[0].finished_at == at(0)
+    assert not any("lost to revisionHistoryLimit" in note for note in result.notes)
+
+
+def test_a_first_seen_apps_decided_snapshot_replans_to_the_same_deployments() -> None:
+    entries = [entry(1, 1, -3 * 24 * 60), entry(2, 2, -30), entry(3, 3, -10)]
+    app = synced_app(entries, health="Degraded", transition=at(-9))
+    first = tick(app, None, at(0))
+    assert refs(first) == ["h2", "h3"]
+    stored = first.decided_snapshot
+    assert stored is not None and stored.last_history_id == 1, "h1 predates the cluster: part of the baseline"
+    again = tick(set_health(app, "Healthy", at(1)), stored, at(2))
+    assert [(d.ref, d.result) for d in again.deployments] == [(d.ref, d.result) for d in first.deployments]
+
+
+# -- pending entries leaving a short history -------------------------------------------------------------
+
+
+def test_a_pending_entry_pushed_out_of_the_history_before_its_verdict_is_still_delivered() -> None:
+    """revisionHistoryLimit 2: h2 is pending, then two more syncs leave only h3 and h4 in the CR."""
+    snapshot = baseline(synced_app([entry(1, 1, -60)], images=[image(1)]))
+    rolling = synced_app([entry(1, 1, -60), entry(2, 2, 0)], images=[image(2)], health="Progressing")
+    rolling = set_health(rolling, "Progressing", at(0, seconds=2))
+    first = tick(rolling, snapshot, at(1))
+    assert first.deployments == () and first.snapshot.pending == PendingVerdict(2, at(1))
+    kept = first.snapshot.pending_entry
+    assert kept is not None and kept.ref == "h2" and kept.images == (image(2),)
+    assert Snapshot.from_json(first.snapshot.to_json()) == first.snapshot
+
+    pushed_out = synced_app([entry(3, 3, 5), entry(4, 4, 10)], images=[image(4)], transition=at(11))
+    result = tick(pushed_out, first.snapshot, at(12))
+    assert refs(result) == ["h2", "h3", "h4"]
+    h2 = result.deployments[0]
+    assert h2.result is Result.SUCCESS and h2.message == "superseded by a newer history entry"
+    assert (h2.started_at, h2.finished_at, h2.revisions) == (at(0, seconds=-6), at(0), (sha(2),))
+    assert h2.images == (image(2),), "what its sync applied, kept while it was pending"
+    assert h2.deployment_class is DeploymentClass.NEW_REVISION
+    assert h2.snapshot_after.last_history_id == 2 and h2.snapshot_after.pending is None
+    assert not any("lost to revisionHistoryLimit" in note for note in result.notes)
+    assert result.snapshot.pending_entry is None
+    assert_chain(result)
+    assert tick(pushed_out, result.snapshot, at(17)).deployments == ()
+
+
+def test_a_pending_entry_superseded_in_the_history_carries_the_images_its_sync_applied() -> None:
+    snapshot = baseline(synced_app([entry(7, 7, -60)], images=[image(7)]))
+    rolling = synced_app([entry(7, 7, -60), entry(8, 8, 0)], images=[image(8)], health="Progressing")
+    first = tick(set_health(rolling, "Progressing", at(0, seconds=1)), snapshot, at(1))
+    entries = [entry(7, 7, -60), entry(8, 8, 0), entry(9, 9, 3)]
+    second = tick(synced_app(entries, images=[image(9)], transition=at(4)), first.snapshot, at(5))
+    h8, h9 = second.deployments
+    assert h8.images == (image(8),) and h9.images == (image(9),)
+
+
+# -- history ids restarting under the same uid ---------------------------------------------------------------
+
+
+def epoch(minute: float) -> int:
+    return int(at(minute).timestamp())
+
+
+def test_history_restarted_with_two_syncs_before_the_next_run_is_detected() -> None:
+    """History emptied (revisionHistoryLimit 0 then raised) and two syncs before the next run: ids 0 and 1 again."""
+    snapshot = baseline(synced_app([entry(0, 0, -60), entry(1, 1, -50)], images=[image(1)]))
+    restarted = synced_app([entry(0, 2, 0), entry(1, 3, 5)], images=[image(3)], transition=at(6))
+
+    result = tick(restarted, snapshot, at(7))
+    assert refs(result) == [f"h0-{epoch(0)}", f"h1-{epoch(5)}"], "ids distinct from the h0 and h1 already sent"
+    assert [d.history_id for d in result.deployments] == [0, 1]
+    assert result.deployments[0].deployment_class is DeploymentClass.INITIAL
+    assert result.snapshot.history_restarts == 1 and result.snapshot.last_history_id == 1
+    assert result.snapshot.covered_until == at(5)
+    assert any("history ids restarted" in note for note in result.notes)
+    assert_chain(result)
+
+    crashed = tick(restarted, result.deployments[0].snapshot_after, at(8))
+    assert refs(crashed) == [f"h1-{epoch(5)}"], "the same ids on a re-plan after a partial delivery"
+    assert tick(restarted, result.snapshot, at(9)).deployments == ()
+    entries = [entry(0, 2, 0), entry(1, 3, 5), entry(2, 4, 20)]
+    (h2,) = tick(synced_app(entries, images=[image(4)], transition=at(21)), result.snapshot, at(22)).deployments
+    assert h2.ref == f"h2-{epoch(20)}"
+
+
+def test_history_restarted_past_the_recorded_id_is_detected_by_deployed_at() -> None:
+    snapshot = baseline(synced_app([entry(0, 0, -60), entry(1, 1, -50)]))
+    restarted = synced_app([entry(0, 2, 0), entry(1, 3, 2), entry(2, 4, 4)], transition=at(5))
+    result = tick(restarted, snapshot, at(6))
+    assert refs(result) == [f"h0-{epoch(0)}", f"h1-{epoch(2)}", f"h2-{epoch(4)}"]
+
+
+def test_a_pending_entry_of_the_generation_before_a_restart_keeps_its_id() -> None:
+    snapshot = baseline(synced_app([entry(4, 4, -60)]))
+    rolling = synced_app([entry(4, 4, -60), entry(5, 5, -50)], health="Progressing", transition=at(-49))
+    first = tick(rolling, snapshot, at(-48))
+    assert first.snapshot.pending == PendingVerdict(5, at(-48))
+    restarted = synced_app([entry(0, 6, 0), entry(1, 7, 2)], transition=at(3))
+    result = tick(restarted, first.snapshot, at(4))
+    assert refs(result) == ["h5", f"h0-{epoch(0)}", f"h1-{epoch(2)}"]
+    assert result.deployments[0].result is Result.SUCCESS
+
+
+def test_history_ids_going_down_in_an_older_snapshot_are_still_a_restart() -> None:
+    """A snapshot stored before ``covered_until`` existed: its last deployment's start stands in for it."""
+    stored = Snapshot.from_json(V1_SNAPSHOT)
+    assert stored.covered_until is None
+    restarted = synced_app([entry(0, 2, 0), entry(1, 3, 5)], transition=at(6))
+    assert refs(tick(restarted, stored, at(7))) == [f"h0-{epoch(0)}", f"h1-{epoch(5)}"]
+
+
+def test_an_app_that_never_restarted_keeps_plain_history_ids() -> None:
+    snapshot = baseline(synced_app([entry(0, 0, -60), entry(1, 1, -50)]))
+    app = synced_app([entry(0, 0, -60), entry(1, 1, -50), entry(2, 2, 0)], transition=at(1))
+    result = tick(app, snapshot, at(2))
+    assert refs(result) == ["h2"] and result.snapshot.history_restarts == 0
+
+
+# -- an Application re-applied under a new uid -------------------------------------------------------------
+
+
+def test_an_application_re_applied_with_its_history_does_not_send_it_again() -> None:
+    """Deleted and re-applied from an export: a new uid, and status.history comes back with it."""
+    entries = [entry(i, i, -200 + i) for i in range(20, 30)]
+    old = synced_app(entries, images=[image(29)], uid=fake_uid("old"))
+    snapshot = baseline(old)
+    assert snapshot.covered_until == at(-171)
+    re_applied = synced_app(entries, images=[image(29)], uid=fake_uid("new"))
+
+    result = tick(re_applied, snapshot, at(3))
+    assert result.deployments == ()
+    assert result.snapshot.uid == fake_uid("new") and result.snapshot.last_history_id == 29
+    assert any("re-applied" in note for note in result.notes)
+
+    (h30,) = tick(synced_app([*entries, entry(30, 30, 5)], uid=fake_uid("new")), result.snapshot, at(6)).deployments
+    assert h30.ref == "h30" and fake_uid("new")[:8] in h30.id
+
+
+def test_a_re_applied_application_sends_only_what_was_not_recorded_under_the_old_uid() -> None:
+    entries = [entry(i, i, -200 + i) for i in range(20, 25)]
+    snapshot = baseline(synced_app(entries, uid=fake_uid("old")))
+    re_applied = synced_app([*entries, entry(25, 25, 0)], uid=fake_uid("new"), transition=at(1))
+    result = tick(re_applied, snapshot, at(2))
+    assert refs(result) == ["h25"] and result.deployments[0].uid == fake_uid("new")
+
+
+def test_a_re_applied_application_does_not_resend_its_recorded_failed_sync() -> None:
+    app = synced_app([entry(1, 1, -60)], uid=fake_uid("old"))
+    failed = with_operation_state(
+        app, operation_state("Failed", at(-10), at(-9), revision=sha(2)), reconciled_at=at(-8)
+    )
+    first = tick(failed, baseline(app), at(-7))
+    assert refs(first) == [f"op-{epoch(-10)}"]
+    re_applied = with_operation_state(
+        synced_app([entry(1, 1, -60)], uid=fake_uid("new")),
+        operation_state("Failed", at(-10), at(-9), revision=sha(2)),
+        reconciled_at=at(-8),
+    )
+    assert tick(re_applied, first.snapshot, at(0)).deployments == ()
+
+
+def test_an_old_uids_undelivered_verdict_is_still_delivered_under_the_old_uid() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)], uid=fake_uid("old")))
+    broken = synced_app(
+        [entry(1, 1, -60), entry(2, 2, -30)], health="Degraded", transition=at(-29), uid=fake_uid("old")
+    )
+    stored = tick(broken, snapshot, at(-28)).decided_snapshot
+    assert stored is not None
+    new_app = synced_app([entry(0, 9, 0)], uid=fake_uid("new"), transition=at(1))
+    result = tick(new_app, stored, at(2))
+    assert [(d.ref, d.uid, d.result) for d in result.deployments] == [
+        ("h2", fake_uid("old"), Result.FAILED),
+        ("h0", fake_uid("new"), Result.SUCCESS),
+    ]
+
+
+# -- image flip-flops ---------------------------------------------------------------------------------------
+
+
+def test_image_flip_flop_without_a_usable_transition_time_gets_an_id_per_occurrence() -> None:
+    """No lastTransitionTime (or one older than the snapshot): A -> B -> A -> B must give three ids, not two."""
+    app = synced_app([entry(3, 3, -60)], images=[image("A")], transition=None)
+    snapshot = baseline(app)
+    ids: list[str] = []
+    for minute, tag in ((5, "B"), (10, "A"), (15, "B")):
+        result = tick(set_summary_images(app, [image(tag)]), snapshot, at(minute))
+        (img,) = result.deployments
+        assert tick(set_summary_images(app, [image(tag)]), snapshot, at(minute + 1)).deployments[0].ref == img.ref, (
+            "a re-plan of the same occurrence keeps its id"
+        )
+        ids.append(img.ref)
+        snapshot = result.snapshot
+    assert len(set(ids)) == 3
+    assert snapshot.last_image_change == ids[-1]
+
+
+# -- the cluster's cut-off ----------------------------------------------------------------------------------
+
+
+def test_the_cluster_cut_off_is_read_off_argo_cds_clock() -> None:
+    app = synced_app([entry(1, 1, -60)], transition=at(-58))
+    newest = newest_argocd_time(observe(app))
+    assert newest == at(-58, seconds=5), "reconciledAt: the newest time the controller wrote"
+    assert initialization_cutoff(at(10), newest) == newest, "a reconciler clock ahead does not move it later"
+    assert initialization_cutoff(at(-70), newest) == at(-70), "a reconciler clock behind is the earlier reading"
+    assert initialization_cutoff(at(10), None) == at(10) - CLOCK_SKEW_ALLOWANCE
+
+
+# -- snapshots stored by the previous version ----------------------------------------------------------------
+
+
+V1_SNAPSHOT = (
+    '{"version":1,"settled_digest":null,"uid":"'
+    + fake_uid("argocd/payments-api")
+    + '","last_seen":"2025-06-03T08:30:00Z","last_history_id":1,"recent":[],'
+    + '"images":{"quay.io/acme/payments-api":"'
+    + sha(1)[:12]
+    + '"},"commits":{"acme/payments-api":"'
+    + sha(1)
+    + '"},"last_failed_operation":null,"last_deployment_started_at":"2025-06-03T08:09:54Z",'
+    + '"pending":{"history_id":2,"since":"2025-06-03T08:31:00Z"},"deleting_since":null}'
+)
+"""A snapshot exactly as the version before pending entries, decided verdicts and coverage stored it: h1 delivered,
+h2 pending."""
+
+
+def test_a_snapshot_stored_by_the_previous_version_loads_and_is_planned_from() -> None:
+    stored = Snapshot.from_json(V1_SNAPSHOT)
+    assert stored.last_history_id == 1 and stored.pending == PendingVerdict(2, at(-29))
+    assert stored.pending_entry is None and stored.decided == () and stored.covered_until is None
+    assert stored.to_json() == V1_SNAPSHOT, "a snapshot using none of the new fields is written as before"
+
+    entries = [entry(1, 1, -50), entry(2, 2, -30)]
+    result = tick(synced_app(entries, images=[image(2)], transition=at(-28)), stored, at(0))
+    (h2,) = result.deployments
+    assert h2.ref == "h2" and h2.result is Result.SUCCESS
+    assert result.snapshot.covered_until == at(-30) and result.snapshot.pending is None
 
 
 # -- properties ----------------------------------------------------------------------------------------------
@@ -918,7 +1389,7 @@ def test_property_ids_are_unique_and_stable(situation: tuple[AppObservation, Sna
     assert first == again
     ids = [d.id for d in first.deployments]
     assert len(ids) == len(set(ids))
-    assert all(re.fullmatch(r"h\d+|op-\d+|img-[0-9a-f]{12}", d.ref) for d in first.deployments)
+    assert all(re.fullmatch(r"h\d+(-\d+)?|op-\d+|img-[0-9a-f]{12}", d.ref) for d in first.deployments)
     marks = [d.snapshot_after.last_history_id or -1 for d in first.deployments]
     assert marks == sorted(marks), "the high-water mark never moves back within a plan"
     finished = [d.finished_at for d in first.deployments if d.kind is DeploymentKind.HISTORY]
@@ -1004,3 +1475,80 @@ def test_property_ticks_with_partial_deliveries_lose_nothing_and_send_nothing_tw
     delivered_history = {int(i.rsplit(":h", 1)[1]) for i in delivered if ":h" in i}
     assert present <= delivered_history
     assert tick(current(), final.snapshot, at(minute + 5)).deployments == ()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    actions=st.lists(st.tuples(ACTIONS, st.integers(0, 3), st.sampled_from(HEALTHS[:4])), max_size=25),
+    limit=st.sampled_from([2, 3, 10]),
+)
+def test_property_stored_verdicts_never_change_and_nothing_seen_is_lost(
+    actions: list[tuple[str, int, str]], limit: int
+) -> None:
+    """As the reconciler does: ``decided_snapshot`` is stored before each delivery, which then delivers only a
+    prefix of the plan. A history id's result never changes once planned, no id is delivered twice, and every
+    entry a tick saw is delivered by the end, even after leaving a short history."""
+    uid = fake_uid("life")
+    entries: list[dict[str, Any]] = [entry(0, "start", -1000)]
+    op = operation_state("Succeeded", entries[0]["deployStartedAt"], entries[0]["deployedAt"], revision=sha("start"))
+    health, transition, summary = "Healthy", at(-999), [image("start")]
+    minute = 0
+
+    def current() -> dict[str, Any]:
+        return make_app(
+            uid=uid,
+            history=entries,
+            operation_state=op,
+            health_status=health,
+            health_transition_at=transition,
+            summary_images=summary,
+        )
+
+    stored = tick(current(), None, at(minute), initialized_at=None).snapshot
+    seen: set[int] = set()
+    results: dict[str, Result] = {}
+    delivered: list[str] = []
+
+    def run(number: int) -> Snapshot:
+        result = tick(current(), stored, at(minute))
+        seen.update(e["id"] for e in entries if e["id"] > 0)
+        for deployment in result.deployments:
+            assert deployment.id not in delivered, f"{deployment.id} delivered twice"
+            assert results.setdefault(deployment.id, deployment.result) is deployment.result, deployment.id
+        keep = len(result.deployments) if number >= 2 else min(number, len(result.deployments))
+        delivered.extend(d.id for d in result.deployments[:keep])
+        if keep:
+            return result.deployments[keep - 1].snapshot_after
+        if result.deployments:
+            return result.decided_snapshot or stored
+        return result.snapshot
+
+    for action, number, new_health in actions:
+        minute += 7
+        if action == "deploy":
+            new = entry(entries[-1]["id"] + 1, f"r{minute}", minute)
+            entries = [*entries, new][-limit:]
+            op = operation_state(
+                "Succeeded",
+                new["deployStartedAt"],
+                new["deployedAt"],
+                revision=new["revision"],
+                images=[image(f"r{minute}")],
+            )
+            health, transition, summary = "Progressing", at(minute, seconds=1), [image(f"r{minute}")]
+        elif action == "health":
+            health, transition = new_health, at(minute)
+        elif action == "fail":
+            op = operation_state("Failed", at(minute - 1), at(minute), revision=sha(f"f{minute}"), retry_count=number)
+        elif action == "images":
+            summary, transition, health = [image(f"i{minute}")], at(minute), "Healthy"
+        if action in ("tick", "stale") or number == 0:
+            stored = run(number)
+
+    minute += 120
+    health, transition = "Healthy", at(minute - 1)
+    stored = run(2)
+    assert stored.pending is None and stored.decided == ()
+    delivered_history = {int(i.rsplit(":h", 1)[1]) for i in delivered if ":h" in i}
+    assert seen <= delivered_history, "an entry a tick saw is never lost"
+    assert tick(current(), stored, at(minute + 5)).deployments == ()
