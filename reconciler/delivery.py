@@ -284,7 +284,7 @@ class Deliverer:
         key = work.observation.key
         dry_run = tick.options.dry_run
         commits = self.previous_commits(work.snapshot)
-        saved = work.snapshot
+        saved = work.plan.decided_snapshot or work.snapshot
         total = len(work.steps)
         for index, step in enumerate(work.steps):
             deployment, outcome = step.deployment, step.outcome

@@ -24,7 +24,7 @@ from reconciler.enrich import Enricher
 from reconciler.github import GitHubClient
 from reconciler.images import CommitImages
 from reconciler.model import AppKey, AppObservation, Snapshot, format_time
-from reconciler.planner import PlannerPolicy, plan
+from reconciler.planner import PlannerPolicy, initialization_cutoff, newest_argocd_time, plan
 from reconciler.run import RunOptions, RunSummary, Shard, selected_clusters
 from reconciler.settled import Changed, decision_salt, for_planning, frozen_heap, settle, split_page
 from reconciler.store import Store, StoreUnavailable
@@ -142,6 +142,8 @@ class Reconciler:
         seen: set[AppKey] = set()
         salt = decision_salt(self.config)
         last_progress = self.monotonic()
+        argocd_now: datetime | None = None
+        """At initialisation: the newest time Argo CD wrote in the listed Applications (its clock, not ours)."""
         for page in self.lister_factory(cluster).pages():
             split = split_page(
                 page,
@@ -156,6 +158,10 @@ class Reconciler:
             seen.update(split.unreadable)
             summary.apps_listed += len(listed)
             summary.apps_malformed += split.malformed
+            for item in split.changed if initialized_at is None else ():
+                written = newest_argocd_time(item.observation)
+                if written is not None and (argocd_now is None or written > argocd_now):
+                    argocd_now = written
             self._process_page(split.changed, policy, now, tick, summary)
             if tick.halted():
                 summary.errors.append(f"cluster {cluster.name}: stopped before the listing was finished")
@@ -167,7 +173,7 @@ class Reconciler:
             return
         self._forget_unlisted(cluster.name, seen, options.shard, now)
         if initialized_at is None:
-            self.store.set_initialized_at(cluster.name, now)
+            self.store.set_initialized_at(cluster.name, initialization_cutoff(now, argocd_now))
             log.info("cluster initialised", extra={"cluster": cluster.name, "apps": len(seen)})
 
     def _selected(self, key: AppKey, shard: Shard | None) -> bool:
@@ -196,6 +202,10 @@ class Reconciler:
                 summary.deployments_pending += 1
             if app_plan.deployments:
                 busy.append(AppWork(observation, snapshot, app_plan))
+                if app_plan.decided_snapshot is not None and app_plan.decided_snapshot != stored:
+                    # Verdicts are stored as decided before delivery starts: a failed delivery or a crash must not
+                    # let the next run re-decide them from a live status that moved on.
+                    quiet[observation.key] = app_plan.decided_snapshot
                 continue
             if app_plan.deferred:
                 continue
@@ -268,7 +278,7 @@ def planner_policy(config: Config, initialized_at: datetime | None, options: Run
         verdict_timeout=detection.verdict_timeout,
         failure_on_out_of_sync_missing=detection.failure_on_out_of_sync_missing,
         detect_image_only_changes=detection.detect_image_only_changes,
-        commit_images=CommitImages(images),
+        commit_images=CommitImages(images, mapped_only=True),
         backfill=options.backfill,
         since=options.since,
     )

@@ -836,6 +836,27 @@ def test_a_run_killed_at_any_step_of_a_delivery_leaves_every_deployment_in_devla
         assert devlake.post_count == posts
 
 
+def test_a_failure_decided_by_a_run_that_crashed_before_sending_it_is_sent_as_a_failure_after_the_fix(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verdict is stored before delivery starts: a crash cannot turn it into "superseded: SUCCESS"."""
+    with open_world(tmp_path, state_url, monkeypatch) as (world, devlake):
+        gitops, images = payments_world(world)
+        app = settled_app("payments-api", gitops[0], images[0])
+        world.set_apps([app])
+        assert world.run() == 0
+        broken = factories.set_health(deploy(app, 1, gitops[1], images[1]), "Degraded", at(11))
+        world.set_apps([broken])
+
+        with crash_at("before POST", 0), pytest.raises(Crash):
+            world.run()
+        assert devlake.accepted_ids() == []
+        world.set_apps([deploy(broken, 2, gitops[2], images[2])])
+        assert world.run() == 0
+        results = {i: body["result"] for i, body in devlake.deployments(1).items()}
+        assert results == {id_of("payments-api", "h1"): "FAILURE", id_of("payments-api", "h2"): "SUCCESS"}
+
+
 def test_a_crash_after_sending_a_shared_change_does_not_let_the_twin_application_send_it_too(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -976,7 +997,11 @@ def test_devlake_down_for_a_whole_run_advances_nothing_and_the_next_run_sends_ev
 
         devlake.fail_always(503)
         assert world.run() == exitcodes.RETRY
-        assert snapshots_of(world, *names) == before, "nothing advanced"
+        after = snapshots_of(world, *names)
+        # What the run decided is stored (and the settled digest cleared: there is work left); no progress is.
+        progress = {key: s.evolve(decided=(), settled_digest=None) for key, s in after.items()}
+        assert progress == {key: s.evolve(settled_digest=None) for key, s in before.items()}, "nothing advanced"
+        assert all([d.entry.ref for d in s.decided] == ["h1", "h2"] for s in after.values()), "verdicts kept as decided"
         assert devlake.deployments(1) == {}
         assert {i.rsplit(":", 1)[1] for i in devlake.posted_ids()} == {"h1"}, "each app stopped at its first"
         run = status_json(world, capsys)["runs"][0]
