@@ -231,6 +231,8 @@ class _Planner:
         """Entries the input snapshot kept and that are not delivered yet (pending or decided): each is emitted
         by this plan, with its visible entry or on its own."""
         self._live: dict[str, frozenset[str]] | None = None
+        self.replaced: Mapping[str, str] = {}
+        """The image baseline before the history entries of this plan: the tags their deployments replaced."""
 
     # -- entry point ---------------------------------------------------------------------------------------
 
@@ -449,6 +451,7 @@ class _Planner:
             return None
         newest = candidates[-1]
         prior = self.prior_pending
+        self.replaced = dict(self.state.images)
         unobserved = _earliest(
             [self.state.rollout_since, *(_start(c.entry) for c in candidates[:-1])],
         )
@@ -607,7 +610,7 @@ class _Planner:
         if applied is not None:
             return applied
         if self._settled():
-            return self._live_refs(self.state.images)
+            return self._live_refs(self.replaced)
         return ()
 
     def _applied(self, entry: HistoryEntry) -> tuple[str, ...] | None:
@@ -627,7 +630,7 @@ class _Planner:
         applied = applied or self._applied(candidate.entry)
         applied_tags = dict(self.policy.commit_images(applied)) if applied else {}
         if self._settled():
-            return self._live_baseline(self.state.images, prefer=applied_tags)
+            return self._live_baseline(self.replaced, prefer=applied_tags)
         return applied_tags
 
     # -- rule 4: failed operations -------------------------------------------------------------------------

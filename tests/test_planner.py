@@ -918,6 +918,15 @@ def test_old_pods_still_listed_without_sync_result_images_the_replaced_tag_is_se
     assert tick(set_summary_images(healthy, [image("bbb2")]), first.snapshot, at(7)).deployments == ()
 
 
+def test_old_pods_still_listed_after_several_syncs_in_one_tick_set_aside_the_tag_recorded_before() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)], images=[image("aaa1")]))
+    entries = [entry(1, 1, -60), entry(2, 2, -5), entry(3, 3, 0)]
+    healthy = synced_app(entries, images=None, summary=[image("aaa1"), image("bbb2")], transition=at(1))
+    result = tick(healthy, snapshot, at(2))
+    assert refs(result) == ["h2", "h3"] and result.deployments[-1].images == (image("bbb2"),)
+    assert result.snapshot.images == {IMAGE: sha("bbb2")[:12]}
+
+
 def test_two_tags_of_one_repository_without_a_sync_are_a_rollout_in_flight_not_a_change() -> None:
     app = synced_app([entry(3, 3, -60)], images=[image("old1")], transition=at(-59))
     snapshot = baseline(app)
