@@ -298,12 +298,14 @@ class _Planner:
         self.state = self._carried(snapshot)
         candidates = self._candidates(new, records_advance=True)
         kept_ids = {c.entry.id for c in candidates if c.record is not None}
-        first_new = new[0].id if new else None
-        if first_new is not None and last is not None and first_new > last + 1:
-            lost = [i for i in range(last + 1, first_new) if i not in kept_ids]
-            if lost:
+        if new and last is not None and new[0].id > last + 1:
+            first, final = last + 1, new[0].id - 1
+            kept = sorted(i for i in kept_ids if first <= i <= final)
+            if len(kept) < final - first + 1:
+                also = f" (kept by the snapshot: {', '.join(f'h{i}' for i in kept)})" if kept else ""
                 self.notes.append(
-                    f"history {_id_range(lost[0], lost[-1])} lost to revisionHistoryLimit between ticks (unrecoverable)"
+                    f"history {_id_range(first, final)} lost to revisionHistoryLimit between ticks (unrecoverable)"
+                    + also
                 )
         chain = list(snapshot.recent) or [_fingerprint(e) for e in history if last is not None and e.id <= last]
         pending = self._history(candidates, chain)

@@ -666,6 +666,14 @@ def test_history_truncated_between_ticks_emits_what_is_left_and_names_the_lost_i
     assert len(result.snapshot.recent) == min(RECENT_ENTRIES_KEPT, 14)
 
 
+def test_a_huge_gap_in_history_ids_is_named_without_walking_it() -> None:
+    snapshot = baseline(synced_app([entry(1, 1, -60)]))
+    app = synced_app([entry(2**62, 2, 0)], transition=at(1))
+    result = tick(app, snapshot, at(2))
+    assert refs(result) == [f"h{2**62}"]
+    assert any(f"ids 2-{2**62 - 1} lost" in note for note in result.notes)
+
+
 # -- rule 7: first run, first sight, new uid ---------------------------------------------------------------
 
 
