@@ -510,7 +510,7 @@ class _Planner:
             if candidate.advances:
                 kept = candidate.record is not None
                 self.state = _after_entry(self.state, entry, baseline, monotonic=monotonic or kept)
-                rollout = None if observed else (self.state.rollout_since or _start(entry))
+                rollout = None if observed else _earliest([self.state.rollout_since, _start(entry)])
                 self.state = self.state.evolve(rollout_since=rollout)
             decided = None if resent else DecidedVerdict(_record(candidate, images), result, reason)
             self.steps.append(

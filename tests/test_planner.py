@@ -877,6 +877,15 @@ def test_progressing_since_an_earlier_sync_whose_rollout_never_ended_is_still_pe
     assert degraded.snapshot.rollout_since is None
 
 
+def test_the_rollout_window_is_the_earliest_unobserved_start_so_a_re_plan_decides_alike() -> None:
+    snapshot = baseline(synced_app([entry(0, 0, -60)])).evolve(rollout_since=at(-20))
+    app = synced_app([entry(0, 0, -60), entry(1, 1, -30), entry(2, 2, -10)], health="Progressing", transition=at(-25))
+    first = tick(app, snapshot, at(0))
+    assert refs(first) == ["h1"] and first.snapshot.pending == PendingVerdict(2, at(0))
+    assert first.snapshot.rollout_since == at(-30, seconds=-6)
+    assert tick(app, first.snapshot, at(0)).deployments == ()
+
+
 def test_a_sync_superseded_by_a_running_one_leaves_its_rollout_open_for_the_next_entry() -> None:
     snapshot = baseline(synced_app([entry(1, 1, -60)]))
     app = synced_app([entry(1, 1, -60), entry(2, 2, 0)], health="Progressing", transition=at(0, seconds=2))
