@@ -142,8 +142,7 @@ class Reconciler:
         seen: set[AppKey] = set()
         salt = decision_salt(self.config)
         last_progress = self.monotonic()
-        argocd_now: datetime | None = None
-        """At initialisation: the newest time Argo CD wrote in the listed Applications (its clock, not ours)."""
+        argocd_now: datetime | None = None  # at initialisation: the newest time Argo CD wrote (its clock, not ours)
         for page in self.lister_factory(cluster).pages():
             split = split_page(
                 page,

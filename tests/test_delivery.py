@@ -36,6 +36,7 @@ from tests.factories import (
     history_entry,
     make_app,
     operation_state,
+    set_health,
 )
 from tests.fakes.devlake import FakeDevLake
 from tests.scenarios import (
@@ -845,7 +846,7 @@ def test_a_failure_decided_by_a_run_that_crashed_before_sending_it_is_sent_as_a_
         app = settled_app("payments-api", gitops[0], images[0])
         world.set_apps([app])
         assert world.run() == 0
-        broken = factories.set_health(deploy(app, 1, gitops[1], images[1]), "Degraded", at(11))
+        broken = set_health(deploy(app, 1, gitops[1], images[1]), "Degraded", at(11))
         world.set_apps([broken])
 
         with crash_at("before POST", 0), pytest.raises(Crash):
