@@ -8,14 +8,16 @@ it names the environment variables that hold them.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
+import types
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -363,6 +365,27 @@ class Config(_Section):
         cluster_environment = self.cluster(cluster).environment
         return cluster_environment if cluster_environment is not None else self.environment
 
+    def missing_secrets(self, *, devlake: bool = True) -> list[str]:
+        """One problem per environment variable the config names for a secret that is not set (or empty).
+
+        ``github.token_env`` counts only when the config sets it: left at its default, an unset ``GITHUB_TOKEN``
+        means unauthenticated GitHub, which works with a low rate limit. ``devlake``: the connections' keys
+        (a dry run sends nothing and needs none)."""
+        named: list[tuple[str, str | None]] = []
+        if "token_env" in self.github.model_fields_set and self.github.app_id is None:
+            named.append(("github.token_env", self.github.token_env))
+        named.append(("github.app_private_key_env", self.github.app_private_key_env))
+        if devlake:
+            named += [
+                (f"devlake.connections[{index}].api_key_env", connection.api_key_env)
+                for index, connection in enumerate(self.devlake.connections)
+            ]
+        return [
+            f"{key}: the environment variable {variable} is not set (or is empty)"
+            for key, variable in named
+            if variable and not _read_secret(variable)
+        ]
+
     def secret_values(self) -> list[str]:
         """Every secret this config points at, so logging can redact them wherever they turn up."""
         values = [self.github.token(), self.github.app_private_key()]
@@ -390,14 +413,17 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys"])
     problems: list[str] = []
+    overrides: dict[tuple[str, ...], str] = {}
     for name, value in sorted(environ.items()):
         if name.startswith(ENV_PREFIX):
             problem = _apply_override(data, name, value)
             if problem:
                 problems.append(problem)
+            else:
+                overrides[tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))] = name
     if problems:
         raise ConfigError(problems)
-    return validate_config(data)
+    return validate_config(data, overrides)
 
 
 def _not_utf8(raw: bytes, offset: int) -> str:
@@ -410,29 +436,79 @@ def _not_utf8(raw: bytes, offset: int) -> str:
     )
 
 
-def validate_config(data: dict[str, Any]) -> Config:
+def validate_config(data: dict[str, Any], overrides: Mapping[tuple[str, ...], str] | None = None) -> Config:
+    """``overrides``: the path each ``DORA__…`` variable set (lower case) -> its name, so that a problem with a
+    value from the environment says which variable it came from."""
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError([_describe(problem) for problem in error.errors(include_url=False)]) from None
+        problems = [_describe(problem, overrides or {}) for problem in error.errors(include_url=False)]
+        raise ConfigError(problems) from None
 
 
-def _describe(problem: Mapping[str, Any]) -> str:
+def _describe(problem: Mapping[str, Any], overrides: Mapping[tuple[str, ...], str]) -> str:
     path = ""
+    parts: list[str | int] = []
     for part in problem["loc"]:
         if isinstance(part, int):
             path += f"[{part}]"
+            parts.append(part)
         elif isinstance(part, str) and part.startswith(("function-", "literal[", "json-or-python")):
             continue
         else:
             path += f".{part}" if path else str(part)
+            parts.append(part)
     message = str(problem["msg"])
     if problem["type"] == "missing":
         message = "field required"
     elif problem["type"] == "extra_forbidden":
         message = "unknown key"
+        if parts and isinstance(parts[-1], str):
+            known = _keys_at(parts[:-1])
+            close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
     message = message.removeprefix("Value error, ")
+    source = _override_of([str(part) for part in parts], overrides)
+    if source is not None:
+        message += f" (from the environment variable {source})"
     return f"{path or '(top level)'}: {message}"
+
+
+def _override_of(path: list[str], overrides: Mapping[tuple[str, ...], str]) -> str | None:
+    """The ``DORA__…`` variable that set ``path`` or a section holding it, if one did."""
+    for length in range(len(path), 0, -1):
+        name = overrides.get(tuple(part.lower() for part in path[:length]))
+        if name is not None:
+            return name
+    return None
+
+
+def _keys_at(path: list[str | int]) -> list[str]:
+    """The keys the section at ``path`` accepts (for "did you mean"); empty when it is not a known section."""
+    model: Any = Config
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    """The model inside ``X``, ``X | None`` or ``list[X]``."""
+    origin = get_origin(annotation)
+    if origin in (list, Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if isinstance(found, type) and issubclass(found, BaseModel):
+                return found
+        return None
+    return annotation
 
 
 def _apply_override(data: dict[str, Any], name: str, raw: str) -> str | None:

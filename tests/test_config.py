@@ -68,8 +68,18 @@ def test_unknown_key_is_named_even_when_nested(tmp_path: Path) -> None:
     data["clusters"][0]["contxt"] = "prod"
     data["devlake"]["connections"][0]["match"] = {"component": ["x"]}
     assert problems(tmp_path, data) == [
-        "clusters[0].contxt: unknown key",
-        "devlake.connections[0].match.component: unknown key",
+        "clusters[0].contxt: unknown key (did you mean context?)",
+        "devlake.connections[0].match.component: unknown key (did you mean components?)",
+    ]
+
+
+def test_an_unknown_key_far_from_any_known_one_gets_no_suggestion(tmp_path: Path) -> None:
+    data = minimal()
+    data["devlake"]["flux_capacitor"] = True
+    data["metrics"] = {"pushgatway": "http://pushgateway:9091"}
+    assert problems(tmp_path, data) == [
+        "devlake.flux_capacitor: unknown key",
+        "metrics.pushgatway: unknown key (did you mean pushgateway?)",
     ]
 
 
@@ -122,7 +132,17 @@ def test_bad_override_names_the_variable(tmp_path: Path) -> None:
     found = problems(tmp_path, minimal(), {"DORA__DEVLAKE__CONNECTIONS__7__ID": "3"})
     assert found == ["DORA__DEVLAKE__CONNECTIONS__7__ID: devlake.connections.7 is past the end of the list"]
     found = problems(tmp_path, minimal(), {"DORA__GITHUB__NOPE": "3"})
-    assert found == ["github.nope: unknown key"]
+    assert found == ["github.nope: unknown key (from the environment variable DORA__GITHUB__NOPE)"]
+    found = problems(tmp_path, minimal(), {"DORA__GITHUB__TOKEN_EVN": "GH"})
+    assert found == [
+        "github.token_evn: unknown key (did you mean token_env?) "
+        "(from the environment variable DORA__GITHUB__TOKEN_EVN)"
+    ]
+    found = problems(tmp_path, minimal(), {"DORA__DEVLAKE__TIMEOUT": "soon"})
+    assert found == [
+        "devlake.timeout: expected a duration such as 30s, 5m or 1h "
+        "(from the environment variable DORA__DEVLAKE__TIMEOUT)"
+    ]
 
 
 def test_secrets_come_from_the_named_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
