@@ -38,7 +38,7 @@ from reconciler.github import GitHubClient
 from reconciler.model import AppKey, Snapshot
 from reconciler.run import RunOptions, RunSummary
 from reconciler.runtime import Runtime, run_pass
-from reconciler.store import Store, StoredSnapshot, open_store
+from reconciler.store import LockHolder, Store, StoredSnapshot, open_store
 from tests.fakes.github import FakeGitHub, Reply
 
 GITHUB_TOKEN_ENV = "BENCH_GITHUB_TOKEN"
@@ -138,6 +138,9 @@ class CountingStore:
 
     def release_lock(self, name: str, owner: str) -> None:
         self.inner.release_lock(name, owner)
+
+    def lock_holder(self, name: str) -> LockHolder | None:
+        return self.inner.lock_holder(name)
 
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None:
         self.counts["dead_letters"] += 1

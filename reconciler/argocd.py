@@ -31,6 +31,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from reconciler.application import UnreadableApplication
 from reconciler.config import ClusterConfig
+from reconciler.run import Stopping
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,10 @@ class ClusterLister:
         """List requests sent (attempts included) over this lister's lifetime."""
         self.restarts = 0
         """Listings restarted after an expired continue token."""
+        self.expected: int | None = None
+        """How many Applications the listing in hand holds, by the API server's count (the first page's items plus
+        its ``remainingItemCount``); ``None`` when it gives none (a label selector, one page) or for several
+        namespaces listed in turn."""
 
     @property
     def name(self) -> str:
@@ -183,6 +188,7 @@ class ClusterLister:
         seen: set[tuple[str, str]] = set()
         restarts = 0
         token: str | None = None
+        single = len(self.cluster.namespaces) <= 1
         while True:
             try:
                 response = self._fetch(api, namespace, token)
@@ -201,7 +207,11 @@ class ClusterLister:
                 )
                 token = None
                 continue
+            first = token is None
             items, token = self._unpack(response, namespace)
+            if first and single:
+                remaining = _remaining_items(response)
+                self.expected = None if remaining is None else len(items) + remaining
             page = []
             for item in items:
                 identity = _identity(item, namespace)
@@ -225,6 +235,8 @@ class ClusterLister:
         )
         try:
             return retrying(self._request, api, namespace, token)
+        except Stopping:
+            raise ClusterUnavailable(self.name, "the process is stopping: listing left for the next run") from None
         except ApiException as error:
             if error.status == 410:
                 raise _Expired from None
@@ -325,6 +337,12 @@ class ClusterLister:
 
     def _clean(self, text: str) -> str:
         return _clean(text, self._secrets)
+
+
+def _remaining_items(response: Any) -> int | None:
+    metadata = response.get("metadata") if isinstance(response, dict) else None
+    value = metadata.get("remainingItemCount") if isinstance(metadata, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _transient(error: BaseException) -> bool:
@@ -589,6 +607,10 @@ class ApplicationLister(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def expected(self) -> int | None:
+        """How many Applications the listing holds, when known (after its first page)."""
+
     def pages(self) -> Iterator[list[dict[str, Any]]]: ...
 
 
@@ -641,6 +663,8 @@ class FileLister:
             raise ValueError(f"cluster {cluster.name} has no applications_file")
         self.cluster = cluster
         self.path = Path(cluster.applications_file).expanduser()
+        self.expected: int | None = None
+        """How many Applications the listing holds, once the file is read (for progress lines)."""
 
     @property
     def name(self) -> str:
@@ -648,6 +672,7 @@ class FileLister:
 
     def pages(self) -> Iterator[list[dict[str, Any]]]:
         selected = self.selected(self.read())
+        self.expected = len(selected)
         size = self.cluster.page_size
         for start in range(0, len(selected), size):
             yield selected[start : start + size]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO, cast
@@ -30,8 +32,11 @@ exit codes:
   0  done
   1  some work failed (delivery, GitHub, a cluster, the state store) and will be retried next run;
      also when the state store cannot be reached at the start: then nothing is listed or sent
-  2  configuration or usage error (check: a dependency is unreachable, or Redis may evict the state)
+  2  configuration or usage error, including a secret's environment variable that the config names but that
+     is not set (check: also a dependency that is unreachable, a repository GitHub cannot read, or Redis
+     may evict the state)
   3  another run holds the lock
+  explain: 1 when no run would read the Application (not found, or hidden by the config's selectors)
 
 environment:
   DORA__SECTION__KEY  overrides any config value, e.g. DORA__STATE__URL=redis://redis:6379/0
@@ -98,6 +103,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         return exitcodes.CONFIG
     redactor.add(config.secret_values())
     redactor.add(url_secrets(config.state.url))
+    if args.command in ("run", "backfill", "serve"):
+        missing = config.missing_secrets(devlake=not getattr(args, "dry_run", False))
+        if missing:
+            for problem in missing:
+                print(f"config error: {problem}", file=sys.stderr)
+            return exitcodes.CONFIG
     try:
         return _dispatch(args, config, out)
     except InvalidRequest as error:
@@ -108,21 +119,48 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         # (which would bypass the redactor), and exit 1 so a CronJob retries.
         log.critical("the command failed unexpectedly", exc_info=True, extra={"reason": type(error).__name__})
         return exitcodes.RETRY
+    finally:
+        out.flush()  # here, where a reader that went away is handled, rather than at interpreter exit
 
 
 class RedactingStream:
-    """``stdout`` with every known secret masked: ``check``, ``explain`` and ``status`` print clients' messages."""
+    """``stdout`` with every known secret masked: ``check``, ``explain`` and ``status`` print clients' messages.
+
+    When the reader goes away (``status | head -1``), the rest of the output is dropped quietly and
+    ``reader_gone`` is set (a dry run stops at its next safe point): no ``BrokenPipeError`` traceback."""
 
     def __init__(self, stream: TextIO, redactor: Redactor) -> None:
         self._stream = stream
         self._redact = redactor
+        self.reader_gone = threading.Event()
 
     def write(self, text: str) -> int:
-        self._stream.write(self._redact(text))
+        if not self.reader_gone.is_set():
+            try:
+                self._stream.write(self._redact(text))
+            except BrokenPipeError:
+                self._drop_the_rest()
         return len(text)
 
     def flush(self) -> None:
-        self._stream.flush()
+        if not self.reader_gone.is_set():
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        self.reader_gone.set()
+        # Python flushes stdout again at exit and would report the closed pipe then: point it at /dev/null.
+        try:
+            descriptor = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, descriptor)
+        finally:
+            os.close(devnull)
 
     def isatty(self) -> bool:
         return self._stream.isatty()
@@ -153,6 +191,7 @@ def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
             shard=args.shard,
             since=since,
             stdout=stdout,
+            reader_gone=stdout.reader_gone if isinstance(stdout, RedactingStream) else None,
         )
     if args.command == "serve":
         return scheduler.serve(config)

@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -19,13 +22,20 @@ from reconciler.application import MalformedApplication, parse_application
 from reconciler.argocd import ClusterLister, ClusterUnavailable, FileLister, open_lister
 from reconciler.config import ClusterConfig, Config
 from reconciler.devlake import DevLakeClient
-from reconciler.github import GitHubClient, GitHubUnavailable, RateLimited
+from reconciler.github import (
+    UNREADABLE_CAUSE,
+    GitHubClient,
+    GitHubUnavailable,
+    RateLimited,
+    RepositoryNotReadable,
+    repository_from_url,
+)
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
 from reconciler.metrics import PrometheusMetrics, grouping_key, push
-from reconciler.model import AppObservation, Snapshot, format_time
+from reconciler.model import OWNER_REPO, AppObservation, Snapshot, format_time
 from reconciler.planner import plan
 from reconciler.reconcile import iter_observations, planner_policy
-from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard, selected_clusters
+from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard, StopFlag, selected_clusters
 from reconciler.runtime import Runtime, progress_reporter, run_pass, store_unavailable_at_start
 from reconciler.store import (
     Store,
@@ -48,8 +58,12 @@ def run_command(
     since: datetime | None = None,
     stdout: TextIO | None = None,
     progress: Callable[[RunSummary], None] | None = None,
+    reader_gone: threading.Event | None = None,
 ) -> int:
-    """``run`` and ``backfill``: one pass, then the metrics pushed to the Pushgateway (unless a dry run)."""
+    """``run`` and ``backfill``: one pass, then the metrics pushed to the Pushgateway (unless a dry run).
+
+    ``reader_gone``: set when nobody reads ``stdout`` any more (``--dry-run | head``): a dry run then stops at
+    its next safe point."""
     metrics = PrometheusMetrics.for_config(config)
 
     def publish() -> None:
@@ -64,7 +78,8 @@ def run_command(
         since=since,
     )
     try:
-        runtime = Runtime.open(config, read_only=dry_run)
+        stop = StopFlag(reader_gone) if dry_run and reader_gone is not None else None
+        runtime = Runtime.open(config, read_only=dry_run, stop=stop)
     except StoreUnavailable as error:
         store_unavailable_at_start(error)
         metrics.run_aborted(exitcodes.RETRY)
@@ -81,6 +96,8 @@ def run_command(
             publish=publish,
             on_store_reached=warn_if_state_can_be_evicted,
         )
+        if reader_gone is not None and reader_gone.is_set():
+            log.info("the reader of the dry run's output went away; the dry run stopped early")
         return result.exit_code
     finally:
         runtime.close()
@@ -89,10 +106,15 @@ def run_command(
 # -- check ---------------------------------------------------------------------------------------------
 
 
+MAX_PROBED_REPOSITORIES = 50
+"""Repositories ``check`` reads one commit of, at most (one GitHub request each)."""
+
+
 def check_command(config: Config, *, stdout: TextIO, sleep: Callable[[float], None] = time.sleep) -> int:
     """One line per dependency, printed as soon as it is known; exit 0 only when every one answered as expected.
 
-    Each dependency is checked on its own: GitHub is checked even when the state store is down.
+    Each dependency is checked on its own: GitHub is checked even when the state store is down. The Applications
+    listed tell which GitHub repositories runs will read: one commit of each is read with the token.
     """
     results: list[bool] = []
 
@@ -100,18 +122,25 @@ def check_command(config: Config, *, stdout: TextIO, sleep: Callable[[float], No
         results.append(ok)
         print(line, file=stdout, flush=True)
 
-    report(
-        True,
-        f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
-    )
+    missing = config.missing_secrets()
+    if missing:
+        report(False, f"config: FAILED ({'; '.join(missing)})")
+    else:
+        report(
+            True,
+            f"config: ok ({len(config.clusters)} cluster(s), {len(config.devlake.connections)} DevLake connection(s))",
+        )
+    observations: list[AppObservation] = []
     for cluster in config.clusters:
-        report(*_check_cluster(cluster, sleep))
+        report(*_check_cluster(cluster, sleep, config, observations))
     report(*_check_store(config))
-    report(*_check_github(config, sleep))
-    with DevLakeClient(config.devlake, sleep=sleep) as devlake:
-        for connection in config.devlake.connections:
-            ok, message = devlake.probe(connection)
-            report(ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})")
+    github = GitHubClient(config.github, _NoCache(), sleep=sleep, retries=CHECK_ATTEMPTS - 1)
+    ok, line, usable = _check_github(config, github)
+    report(ok, line)
+    if usable:
+        for result in _check_repositories(config, github, observations):
+            report(*result)
+    _check_devlake(config, sleep, report)
     return exitcodes.OK if all(results) else exitcodes.CONFIG
 
 
@@ -119,20 +148,30 @@ CHECK_ATTEMPTS = 2
 """``check`` reports what it sees now: one quick retry for a blip, not a run's patience."""
 
 
-def _check_cluster(cluster: ClusterConfig, sleep: Callable[[float], None]) -> tuple[bool, str]:
+def _check_cluster(
+    cluster: ClusterConfig, sleep: Callable[[float], None], config: Config, found: list[AppObservation]
+) -> tuple[bool, str]:
+    """List the cluster's Applications as a run does; the ones the config selects go to ``found``."""
     name = cluster.name
     if cluster.applications_file is not None:
-        return _check_applications_file(cluster)
+        return _check_applications_file(cluster, config, found)
+    count = 0
     try:
-        lister = ClusterLister(cluster.model_copy(update={"page_size": 1}), sleep=sleep, attempts=CHECK_ATTEMPTS)
-        first = next(iter(lister.pages()), [])
+        lister = ClusterLister(cluster, sleep=sleep, attempts=CHECK_ATTEMPTS)
+        for item in iter_observations(lister, name):
+            count += 1
+            if isinstance(item, AppObservation) and config.applications.selects(item.key.qualified_name):
+                found.append(item)
     except ClusterUnavailable as error:
         return False, f"kubernetes {name}: FAILED ({error})"
-    return True, f"kubernetes {name}: ok (can list applications.argoproj.io; first page had {len(first)})"
+    return True, f"kubernetes {name}: ok (can list applications.argoproj.io; {count} Application(s))"
 
 
-def _check_applications_file(cluster: ClusterConfig) -> tuple[bool, str]:
-    """Readable, a list of Applications; how many, how many the cluster's selectors keep, how many are malformed."""
+def _check_applications_file(
+    cluster: ClusterConfig, config: Config, found: list[AppObservation]
+) -> tuple[bool, str]:
+    """Readable, a list of Applications; how many, how many the cluster's selectors keep, how many are malformed.
+    The ones the config selects go to ``found``."""
     lister = FileLister(cluster)
     try:
         items = lister.read()
@@ -142,9 +181,12 @@ def _check_applications_file(cluster: ClusterConfig) -> tuple[bool, str]:
     malformed = 0
     for item in selected:
         try:
-            parse_application(item, cluster.name)
+            observation = parse_application(item, cluster.name)
         except MalformedApplication:
             malformed += 1
+            continue
+        if config.applications.selects(observation.key.qualified_name):
+            found.append(observation)
     details = [f"{len(items)} Application(s)"]
     if len(selected) != len(items):
         details.append(f"{len(selected)} selected by namespaces and label_selector")
@@ -188,21 +230,113 @@ class _NoCache:
         return None
 
 
-def _check_github(config: Config, sleep: Callable[[float], None]) -> tuple[bool, str]:
-    client = GitHubClient(config.github, _NoCache(), sleep=sleep, retries=CHECK_ATTEMPTS - 1)
+def _check_github(config: Config, client: GitHubClient) -> tuple[bool, str, bool]:
+    """``(ok, line, usable)``: ``usable`` when repositories can be probed next."""
     try:
         remaining, limit, reset = client.rate_limit()
     except RateLimited as error:
-        return False, f"github: FAILED (rate limited until {error.reset_at})"
+        return False, f"github: FAILED (rate limited until {error.reset_at})", False
     except GitHubUnavailable as error:
         hint = ""
         if "401" in str(error) and config.github.app_id is None and config.github.token_env:
             hint = f"; check ${config.github.token_env}"
-        return False, f"github: FAILED ({error}{hint})"
+        return False, f"github: FAILED ({error}{hint})", False
     authenticated = "authenticated" if (config.github.token() or config.github.app_id) else "NOT authenticated"
     if limit < 0:
-        return True, f"github: ok ({authenticated}; rate limiting disabled on this server)"
-    return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})"
+        return True, f"github: ok ({authenticated}; rate limiting disabled on this server)", True
+    if remaining <= 0:
+        return (
+            False,
+            f"github: FAILED ({authenticated}; rate limit exhausted: 0/{limit} until {format_time(reset)}; runs defer "
+            "their GitHub work until then)",
+            False,
+        )
+    return True, f"github: ok ({authenticated}; rate limit {remaining}/{limit}, resets {format_time(reset)})", True
+
+
+def known_repositories(config: Config, observations: Sequence[AppObservation]) -> tuple[dict[str, str], list[str]]:
+    """The GitHub repositories runs will read for these Applications, each with what needs it, and the
+    ``images.repositories`` rules that map none of their images.
+
+    A rule is a regex with an ``owner/repo`` template: its repositories are the ones it makes of the images the
+    Applications run (the first matching rule maps an image, as in a run), plus its template when it has no
+    placeholder. The GitOps repositories are the sources' GitHub ``repoURL`` (when GitOps commits are sent)."""
+    rules = config.images.repositories
+    mappers = [RepositoryMapper(config.images.model_copy(update={"repositories": [rule]})) for rule in rules]
+    patterns = [re.compile(rule.image) for rule in rules]
+    needed: dict[str, str] = {}
+    used: set[int] = set()
+    for index, rule in enumerate(rules):
+        if "{" not in rule.repo and OWNER_REPO.fullmatch(rule.repo):
+            needed.setdefault(rule.repo.lower(), f"images.repositories[{index}]")
+            used.add(index)
+    for observation in observations:
+        images = list(observation.operation.images or []) if observation.operation else []
+        for raw in dict.fromkeys([*images, *observation.summary_images]):
+            try:
+                image = parse_image(raw)
+            except InvalidImageReference:
+                continue
+            if mappers and mappers[0].ignored(image):
+                continue
+            for index, pattern in enumerate(patterns):
+                if pattern.fullmatch(image.repository) is None:
+                    continue
+                repo = mappers[index].repository_for(image)
+                if repo is not None:
+                    used.add(index)
+                    needed.setdefault(repo, f"images.repositories[{index}] for {image.repository}")
+                break
+    if config.devlake.include_gitops_commit:
+        for observation in observations:
+            for source in observation.sources:
+                repo = repository_from_url(source.repo_url, config.github.web_url)
+                if repo is not None:
+                    needed.setdefault(repo, f"the GitOps source of {observation.key.qualified_name}")
+    unused = [f"images.repositories[{i}] ({rules[i].image})" for i in range(len(rules)) if i not in used]
+    return needed, unused
+
+
+def _check_repositories(
+    config: Config, client: GitHubClient, observations: Sequence[AppObservation]
+) -> Iterator[tuple[bool, str]]:
+    needed, unused = known_repositories(config, observations)
+    if observations:
+        for rule in unused:
+            yield True, f"github rule {rule}: ok (no image of the listed Applications matches it)"
+    for probed, (repo, why) in enumerate(sorted(needed.items())):
+        if probed == MAX_PROBED_REPOSITORIES:
+            yield True, f"github repositories: {len(needed) - probed} more not probed (at most {probed} are)"
+            return
+        where = f"github repository {repo}"
+        try:
+            client.probe_repository(repo)
+        except RepositoryNotReadable:
+            yield False, f"{where}: FAILED (needed by {why}; {UNREADABLE_CAUSE})"
+            continue
+        except RateLimited as error:
+            until = f" until {format_time(error.reset_at)}" if error.reset_at else ""
+            yield False, f"{where}: FAILED (rate limit exhausted{until}: the other repositories were not probed)"
+            return
+        except GitHubUnavailable as error:
+            yield False, f"{where}: FAILED (needed by {why}; {error})"
+            continue
+        yield True, f"{where}: ok (readable; needed by {why})"
+
+
+def _check_devlake(config: Config, sleep: Callable[[float], None], report: Callable[[bool, str], None]) -> None:
+    not_found = 0
+    with DevLakeClient(config.devlake, sleep=sleep) as devlake:
+        for connection in config.devlake.connections:
+            ok, message = devlake.probe(connection)
+            report(ok, f"devlake connection {connection.id}: {'ok' if ok else 'FAILED'} ({message})")
+            not_found += "HTTP 404" in message
+    if not_found == len(config.devlake.connections):
+        report(
+            False,
+            f"devlake: FAILED (every connection answered 404: is devlake.url ({config.devlake.url}) the Config UI "
+            "address of the DevLake that has these connections, without /api?)",
+        )
 
 
 def _describe_state_url(url: str | None) -> str:
@@ -239,37 +373,92 @@ def read_applications_from(config: Config, clusters: tuple[str, ...], path: str)
 
 
 def explain_command(config: Config, application: str, *, clusters: tuple[str, ...], stdout: TextIO) -> int:
+    """Exit 0 when a run reads the Application in at least one selected cluster; 1 when none does (not found, or
+    hidden by ``clusters[].namespaces``, ``clusters[].label_selector`` or ``applications.include/exclude``), and
+    then say which selector would hide it."""
     namespace, sep, name = application.partition("/")
     if not sep or not namespace or not name:
         raise InvalidRequest(f"expected NAMESPACE/NAME, got {application!r}")
     store = open_store(config.state)
     try:
-        found = False
-        for cluster in config.clusters:
+        found = read = False
+        searched: list[str] = []
+        for index, cluster in enumerate(config.clusters):
             if clusters and cluster.name not in clusters:
                 continue
-            scoped = cluster.model_copy(update={"namespaces": [namespace]})
+            searched.append(cluster.name)
             try:
-                for item in iter_observations(open_lister(scoped), cluster.name):
-                    if isinstance(item, MalformedApplication):
-                        if item.app == f"{namespace}/{name}":
-                            found = True
-                            print(
-                                f"Application {application} in cluster {cluster.name}: malformed, skipped by every "
-                                f"run ({item.reason})",
-                                file=stdout,
-                            )
-                        continue
-                    if item.key.namespace == namespace and item.key.name == name:
-                        found = True
-                        _explain_one(config, store, item, stdout)
+                item = _find_application(cluster, namespace, name)
+                hidden_by_labels = False
+                if item is None and cluster.label_selector:
+                    item = _find_application(cluster.model_copy(update={"label_selector": None}), namespace, name)
+                    hidden_by_labels = item is not None
             except ClusterUnavailable as error:
                 print(f"cluster {cluster.name}: unavailable ({error})", file=stdout)
+                continue
+            if item is None:
+                continue
+            found = True
+            if isinstance(item, MalformedApplication):
+                print(
+                    f"Application {application} in cluster {cluster.name}: malformed, skipped by every run "
+                    f"({item.reason})",
+                    file=stdout,
+                )
+            else:
+                _explain_one(config, store, item, stdout)
+            hiding = _selectors_hiding(config, index, namespace, name, found=True, by_labels=hidden_by_labels)
+            for selector in hiding:
+                print(f"  NOT READ BY RUNS: {selector}", file=stdout)
+            read = read or not hiding
         if not found:
-            print(f"{application}: not found in any selected cluster", file=stdout)
-        return exitcodes.OK
+            where = ", ".join(searched) or "no cluster (none selected)"
+            print(f"{application}: not found in any selected cluster ({where})", file=stdout)
+            for index, cluster in enumerate(config.clusters):
+                if cluster.name in searched:
+                    for selector in _selectors_hiding(config, index, namespace, name, found=False):
+                        print(f"  would hide it: {selector}", file=stdout)
+        return exitcodes.OK if read else exitcodes.NOT_FOUND
     finally:
         store.close()
+
+
+def _find_application(
+    cluster: ClusterConfig, namespace: str, name: str
+) -> AppObservation | MalformedApplication | None:
+    """The Application ``namespace/name`` of ``cluster``, listed in its namespace whatever ``namespaces`` says."""
+    scoped = cluster.model_copy(update={"namespaces": [namespace]})
+    for item in iter_observations(open_lister(scoped), cluster.name):
+        if isinstance(item, MalformedApplication):
+            if item.app == f"{namespace}/{name}":
+                return item
+        elif item.key.namespace == namespace and item.key.name == name:
+            return item
+    return None
+
+
+def _selectors_hiding(
+    config: Config, index: int, namespace: str, name: str, *, found: bool, by_labels: bool = False
+) -> list[str]:
+    """The config's selectors that keep runs from reading ``namespace/name`` in ``config.clusters[index]``. For an
+    Application that was not found, the label selector is named as one that would hide it when it has one."""
+    cluster = config.clusters[index]
+    where = f"clusters[{index}] ({cluster.name})"
+    hiding: list[str] = []
+    if cluster.namespaces and namespace not in cluster.namespaces:
+        hiding.append(f"{where}.namespaces {cluster.namespaces} does not include {namespace}")
+    if cluster.label_selector and (by_labels or not found):
+        what = "does not match its labels" if by_labels else "lists only the Applications whose labels match it"
+        hiding.append(f"{where}.label_selector {cluster.label_selector!r} {what}")
+    applications = config.applications
+    qualified = f"{namespace}/{name}"
+    if not applications.selects(qualified):
+        excluded = [glob for glob in applications.exclude if fnmatch.fnmatchcase(qualified, glob)]
+        if excluded:
+            hiding.append(f"applications.exclude {excluded[0]!r} matches {qualified}")
+        else:
+            hiding.append(f"applications.include {applications.include} does not match {qualified}")
+    return hiding
 
 
 def _explain_one(config: Config, store: Store, observation: AppObservation, out: TextIO) -> None:

@@ -34,7 +34,7 @@ from reconciler.enrich import Deferred, Skipped
 from reconciler.images import InvalidImageReference, RepositoryMapper, parse_image
 from reconciler.model import FULL_SHA, AppObservation, Deployment, EnrichedDeployment, Result, Snapshot, format_time
 from reconciler.planner import Plan
-from reconciler.run import RunOptions
+from reconciler.run import RunError, RunOptions
 from reconciler.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class Tick:
     """Component-change marker -> the deployment that sends it this tick (the first in listing order)."""
     halted: Callable[[], bool] = _never
     """Stop sending: asked to stop, or the run lock was lost and another run may be sending."""
+    held_back: dict[int, RunError] = field(default_factory=dict)
+    """Connection -> the failure that held it back: the cause counted for every deployment it then holds."""
 
 
 @dataclass
@@ -163,12 +165,15 @@ class AppResult:
     held_unreadable: int = 0
     deduplicated: int = 0
     sent: int = 0
+    would_send: int = 0
     retry_later: int = 0
     dead_lettered: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[RunError] = field(default_factory=list)
 
     def add(self, other: AppResult) -> None:
         self.sent += other.sent
+        self.would_send += other.would_send
+        self.errors.extend(other.errors)
         self.retry_later += other.retry_later
         self.dead_lettered += other.dead_lettered
         self.deduplicated += other.deduplicated
@@ -276,7 +281,8 @@ class Deliverer:
         except Exception as error:
             key = work.observation.key
             log.exception("delivery failed unexpectedly; retrying next run", extra={"app": str(key)})
-            return AppResult(errors=[f"{key}: internal error while delivering ({type(error).__name__})"])
+            cause = f"internal error while delivering ({type(error).__name__})"
+            return AppResult(errors=[RunError(cause, None, str(key))])
 
     def _deliver_app(self, work: AppWork, existing: set[str], claims: Claims, tick: Tick) -> AppResult:
         """Deliver an Application's deployments strictly in order; stop at the first that cannot go out."""
@@ -320,12 +326,12 @@ class Deliverer:
             if not delivered:
                 if markers and saved is not None and not dry_run:
                     self.store.record_delivery(key, saved, markers)
-                result.errors.append(f"{key}: {deployment.id} will be retried next run")
                 return result
             if deployment.result is Result.SUCCESS:
                 result.success += 1
             else:
                 result.failed += 1
+            self._log_delivered(work, deployment, markers, dry_run)
             if decision.change is not None:
                 markers.append(decision.change)
             commits = step.commits
@@ -377,13 +383,17 @@ class Deliverer:
                 continue
             if tick.options.dry_run:
                 self._print_dry_run(connection.id, payload)
-                stats.sent += 1
+                stats.would_send += 1
                 continue
             down = tick.breaker.held_back(connection.id)
             if down is not None:
                 stats.retry_later += 1
                 all_done = False
-                log.warning(
+                stats.errors.append(
+                    tick.held_back.get(connection.id) or RunError(f"DevLake connection {connection.id}: {down}")
+                )
+                # The connection's one error line said why; a line per deployment would bury it.
+                log.debug(
                     "connection held back for the rest of this run; will retry next run",
                     extra={"deployment_id": deployment.id, "connection": connection.id, "reason": down},
                 )
@@ -402,6 +412,14 @@ class Deliverer:
             else:
                 stats.retry_later += 1
                 all_done = False
+                error = RunError(
+                    f"DevLake connection {connection.id}: {delivery.cause or delivery.message}",
+                    delivery.status,
+                    str(deployment.key),
+                )
+                stats.errors.append(error)
+                if tick.breaker.held_back(connection.id) is not None:
+                    tick.held_back.setdefault(connection.id, error)
                 log.warning(
                     "delivery failed; will retry next run",
                     extra={
@@ -429,12 +447,40 @@ class Deliverer:
             self.metrics.delivery(connection.id, delivery.outcome.value)
         return delivery
 
+    def _log_delivered(self, work: AppWork, deployment: Deployment, markers: Sequence[str], dry_run: bool) -> None:
+        """One line per deployment recorded: where it went (connections that accepted it now), or why not."""
+        sent = [c.id for c in work.connections if Target(c.id, deployment.id).sent in markers]
+        deduplicated = [c.id for c in work.connections if Target(c.id, deployment.id).deduped in markers]
+        fields: dict[str, Any] = {
+            "app": str(deployment.key),
+            "deployment_id": deployment.id,
+            "result": deployment.result.value,
+            "connections": sent,
+        }
+        if deduplicated:
+            fields["deduplicated"] = deduplicated
+        if dry_run:
+            log.debug("deployment printed (dry run)", extra={**fields, "connections": [c.id for c in work.connections]})
+        elif sent:
+            log.info("deployment delivered", extra=fields)
+        elif deduplicated:
+            log.info("deployment recorded; another Application of its component sent the change", extra=fields)
+        else:
+            log.info("deployment recorded; every connection already had it", extra=fields)
+
     def _dead_letter(
         self, connection_id: int, deployment: Deployment, payload: Mapping[str, Any], status: int | None, message: str
     ) -> None:
         log.error(
             "DevLake rejected the deployment; moved to the dead-letter list",
-            extra={"deployment_id": deployment.id, "connection": connection_id, "status": status, "reason": message},
+            extra={
+                "app": str(deployment.key),
+                "deployment_id": deployment.id,
+                "result": deployment.result.value,
+                "connection": connection_id,
+                "status": status,
+                "reason": message,
+            },
         )
         if self.metrics:
             self.metrics.dead_letter()

@@ -11,6 +11,8 @@ import email.utils
 import logging
 import math
 import re
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -27,6 +29,7 @@ from tenacity.stop import stop_base
 
 from reconciler.config import Config, ConnectionConfig, DevLakeConfig
 from reconciler.model import FULL_SHA, AppKey, Commit, Deployment, EnrichedDeployment, Result, format_time
+from reconciler.run import Stopping
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,12 @@ class Delivery:
     """The last HTTP status, ``None`` when no response came back."""
     message: str
     attempts: int
+    cause: str | None = None
+    """The message without what differs between deliveries (the attempt count): what run summaries group by."""
+
+
+def _unbounded(seconds: float) -> float:
+    return seconds
 
 
 class _Retryable(Exception):
@@ -250,7 +259,9 @@ class DevLakeClient:
 
     Connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter (honouring
     ``Retry-After``) until ``MAX_ATTEMPTS`` or until the next sleep would pass the caller's deadline. Re-POSTing is
-    safe because DevLake upserts by ``id``. ``sleep`` and ``clock`` are injectable so tests never sleep.
+    safe because DevLake upserts by ``id``. ``sleep`` and ``clock`` are injectable so tests never sleep; a ``sleep``
+    that raises ``Stopping`` (the process is stopping) ends the retries at once: the deployment is left for the next
+    run. ``bound_timeout`` may shorten the read timeout of each attempt (to a stopping process's remaining time).
     """
 
     def __init__(
@@ -260,10 +271,12 @@ class DevLakeClient:
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
+        bound_timeout: Callable[[float], float] = _unbounded,
     ) -> None:
         self._devlake = devlake
         self._sleep = sleep
         self._clock = clock
+        self._bound_timeout = bound_timeout
         self._owns_session = session is None
         if session is None:
             session = requests.Session()
@@ -292,6 +305,10 @@ class DevLakeClient:
     def url_for(self, connection: ConnectionConfig) -> str:
         return f"{self._devlake.url}/api/rest/plugins/webhook/connections/{connection.id}/deployments"
 
+    def _request_timeout(self) -> tuple[float, float]:
+        connect, read = self._timeout
+        return min(connect, self._bound_timeout(connect)), self._bound_timeout(read)
+
     def probe(self, connection: ConnectionConfig) -> tuple[bool, str]:
         """For ``check``: POST an empty body. DevLake authenticates before it validates, so a 400 proves the
         URL, the route and the API key without storing anything."""
@@ -304,12 +321,12 @@ class DevLakeClient:
                 self.url_for(connection),
                 json={},
                 headers=headers,
-                timeout=self._timeout,
+                timeout=self._request_timeout(),
                 verify=self._devlake.verify_tls,
                 allow_redirects=False,
             )
         except requests.RequestException as error:
-            return False, _redact(_bounded(f"unreachable: {error}", MAX_DELIVERY_MESSAGE_LENGTH), key)
+            return False, _redact(f"unreachable: {_connection_problem(error, self.url_for(connection))}", key)
         status = response.status_code
         if response.is_redirect or 300 <= status < 400:
             return False, _redact(_redirect_message(response), key)
@@ -317,9 +334,9 @@ class DevLakeClient:
         if status == 400 and _envelope_success(response) is False:
             return True, f"reachable at {self._devlake.url}, API key accepted"
         if status in (401, 403):
-            return False, f"API key refused (HTTP {status}: {message})"
+            return False, f"API key refused (HTTP {status}: {message}): {_refusal_hint(status, message, connection)}"
         if status == 404:
-            return False, f"connection {connection.id} not found (HTTP 404: {message})"
+            return False, _not_found(message, connection, self._devlake.url)
         return False, f"unexpected answer HTTP {status}: {message}"
 
     def deliver(self, connection: ConnectionConfig, payload: Mapping[str, Any], deadline: float) -> Delivery:
@@ -335,23 +352,31 @@ class DevLakeClient:
         url = self.url_for(connection)
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         attempts = 0
+        failures: list[_Retryable] = []
 
         def post() -> requests.Response:
             nonlocal attempts
             attempts += 1
             try:
+                return attempt()
+            except _Retryable as failure:
+                failures.append(failure)
+                raise
+
+        def attempt() -> requests.Response:
+            try:
                 response = self._session.post(
                     url,
                     json=payload,
                     headers=headers,
-                    timeout=self._timeout,
+                    timeout=self._request_timeout(),
                     verify=self._devlake.verify_tls,
                     allow_redirects=False,
                 )
             except requests.Timeout as error:
-                raise _Retryable(None, _redact(f"timed out: {error}", key)) from None
+                raise _Retryable(None, _redact(_connection_problem(error, url), key)) from None
             except requests.ConnectionError as error:
-                raise _Retryable(None, _redact(f"connection failed: {error}", key)) from None
+                raise _Retryable(None, _redact(_connection_problem(error, url), key)) from None
             status = response.status_code
             if status in RETRYABLE_STATUSES or status >= 500:
                 raise _Retryable(status, _response_message(response, key), _retry_after(response))
@@ -387,7 +412,11 @@ class DevLakeClient:
         except _Retryable as failure:
             plural = "" if attempts == 1 else "s"
             message = f"{failure.message} (gave up after {attempts} attempt{plural})"
-            return Delivery(DeliveryOutcome.RETRY_LATER, failure.status, message, attempts)
+            return Delivery(DeliveryOutcome.RETRY_LATER, failure.status, message, attempts, failure.message)
+        except Stopping:
+            last = failures[-1]
+            message = f"{last.message} (retries cut short after {attempts} attempt(s): the process is stopping)"
+            return Delivery(DeliveryOutcome.RETRY_LATER, last.status, message, attempts, last.message)
         except requests.RequestException as error:
             message = _redact(_bounded(f"request failed: {error}", MAX_DELIVERY_MESSAGE_LENGTH), key)
             return Delivery(DeliveryOutcome.RETRY_LATER, None, message, attempts)
@@ -399,9 +428,15 @@ class DevLakeClient:
         elif 300 <= status < 400:
             outcome = DeliveryOutcome.RETRY_LATER
             message = _redact(_redirect_message(response), key)
+        elif status == 404:
+            outcome = DeliveryOutcome.RETRY_LATER
+            message = _not_found(message, connection, self._devlake.url)
         elif status in CONFIGURATION_STATUSES:
             outcome = DeliveryOutcome.RETRY_LATER
-            message = f"DevLake refused the connection's configuration (HTTP {status}): {message}"
+            message = (
+                f"DevLake refused the connection's configuration (HTTP {status}): {message}: "
+                f"{_refusal_hint(status, message, connection)}"
+            )
         elif 400 <= status < 500:
             outcome = DeliveryOutcome.REJECTED
         else:
@@ -413,6 +448,82 @@ class DevLakeClient:
         if isinstance(error, _Retryable) and error.retry_after is not None:
             return min(error.retry_after, MAX_RETRY_AFTER)
         return float(self._backoff(state))
+
+
+def _refusal_hint(status: int, message: str, connection: ConnectionConfig) -> str:
+    """What a 401/403 from DevLake's API-key check most likely means, for the operator who has to fix it."""
+    variable = f"${connection.api_key_env}"
+    if "scope" in message:
+        return (
+            f"the key in {variable} belongs to another connection (a connection's key is valid only for its own "
+            f"id, {connection.id} here): use the key DevLake generated for connection {connection.id}"
+        )
+    if "expired" in message:
+        return f"the key in {variable} has expired: generate a new one in DevLake"
+    if status == 401:
+        return "the request reached DevLake without the API key: is a proxy in front of it dropping the header?"
+    return (
+        f"DevLake does not know the key in {variable} (revoked or rotated, or DevLake's ENCRYPTION_SECRET "
+        "changed): put the connection's current key there"
+    )
+
+
+def _not_found(message: str, connection: ConnectionConfig, url: str) -> str:
+    """A 404: DevLake's "record not found" names a connection id it does not have; any other 404 comes from no
+    route at all, which is a ``devlake.url`` that is not the Config UI's address (the usual mistake: ``…/api``)."""
+    if "record not found" in message:
+        return (
+            f"connection {connection.id} not found (HTTP 404: {message}): no webhook connection with this id "
+            "in this DevLake: check devlake.connections[].id"
+        )
+    return (
+        f"connection {connection.id} not found (HTTP 404: {_bounded(message, MAX_UNEXPECTED_BODY_LENGTH)}): "
+        f"DevLake has no webhook route under {url}: is devlake.url the Config UI address, without /api?"
+    )
+
+
+def _connection_problem(error: requests.RequestException, url: str) -> str:
+    """Host, port and what went wrong, in words: never urllib3's pool and object dump."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 443 if parts.scheme == "https" else 80
+    where = f"{parts.hostname or '?'}:{port}"
+    cause = _root_cause(error)
+    if isinstance(error, requests.exceptions.SSLError) or isinstance(cause, ssl.SSLError):
+        detail = getattr(cause, "reason", None) or type(cause).__name__
+        return f"TLS handshake with {where} failed ({detail}): check the certificate, or devlake.verify_tls"
+    if isinstance(error, requests.exceptions.ReadTimeout):
+        return f"no answer from {where} within the read timeout (devlake.timeout): timed out"
+    if isinstance(error, requests.Timeout) or isinstance(cause, TimeoutError):
+        return f"cannot connect to {where}: timed out (a firewall, or the wrong host?)"
+    if isinstance(cause, ConnectionRefusedError):
+        return f"cannot connect to {where}: connection refused (is DevLake running, and is this its address?)"
+    if isinstance(cause, socket.gaierror):
+        return f"cannot connect to {where}: the host name does not resolve"
+    if isinstance(cause, ConnectionResetError | BrokenPipeError):
+        return f"connection to {where} failed: reset by the other end"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"cannot connect to {where}: {cause.strerror.lower()}"
+    return f"connection to {where} failed ({type(cause).__name__})"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost error under requests' and urllib3's wrappers."""
+    seen: set[int] = set()
+    current = error
+    while id(current) not in seen:
+        seen.add(id(current))
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = current.__cause__ or current.__context__
+        if inner is None and current.args and isinstance(current.args[0], BaseException):
+            inner = current.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        current = inner
+    return current
 
 
 def _response_message(response: requests.Response, key: str) -> str:

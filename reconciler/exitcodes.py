@@ -7,3 +7,5 @@ CONFIG = 2
 """A configuration or usage error; for ``check``, a dependency that cannot be reached."""
 LOCKED = 3
 """Another run holds the lock."""
+NOT_FOUND = 1
+"""``explain``: no run reads the Application (not found, or hidden by the config's selectors)."""

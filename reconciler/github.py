@@ -49,6 +49,7 @@ from urllib3.util.retry import Retry
 from reconciler import __version__
 from reconciler.config import GitHubConfig
 from reconciler.model import FULL_SHA, OWNER_REPO, Commit, parse_time
+from reconciler.run import Stopping
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,12 @@ class GitHubClient:
         backoff_factor: float = 1.0,
         retries: int = 5,
         seconds_between_requests: float | None = None,
+        bound_timeout: Callable[[float], float] | None = None,
     ) -> None:
+        """``sleep`` is every wait between retries; one that raises ``Stopping`` ends the lookup as unavailable
+        (deferred to the next run). ``bound_timeout`` may shorten each request's timeout (a stopping process)."""
         self.config = config
+        self._bound_timeout = bound_timeout
         self.cache = cache
         self.web_url = config.web_url
         self._per_tick_memo = per_tick_memo
@@ -315,6 +320,28 @@ class GitHubClient:
         if not _SHA_PREFIX.fullmatch(sha) or len(sha) < 7:
             return None
         return self._once(("search", sha), lambda: self._find_repository(sha))
+
+    def probe_repository(self, repo: str) -> str | None:
+        """For ``check``: read the newest commit of ``owner/repo``, one request. Returns its SHA (``None`` for an
+        empty repository); raises ``RepositoryNotReadable`` (404: it does not exist or the token cannot read it),
+        ``RateLimited`` or ``GitHubUnavailable``."""
+        repo = _check_repo(repo)
+        try:
+            with self._github() as gh:
+                _, data = gh.requester.requestJsonAndCheck("GET", f"/repos/{repo}/commits", parameters={"per_page": 1})
+        except GithubException as error:
+            if error.status == 404:
+                raise RepositoryNotReadable(repo) from None
+            if error.status == 409:  # "Git Repository is empty."
+                return None
+            raise self._translate(error, None, None) from None
+        except GitHubError:
+            raise
+        except Exception as error:
+            raise self._translate(error, None, None) from None
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            return str(data[0].get("sha") or "") or None
+        return None
 
     def rate_limit(self) -> tuple[int, int, datetime]:
         """``(remaining, limit, reset)`` of the core API from ``GET /rate_limit``; ``(-1, -1, now)`` when
@@ -601,6 +628,8 @@ class GitHubClient:
         """Map whatever PyGithub, requests or urllib3 raised to one of this module's errors."""
         if isinstance(error, GitHubError):
             return error
+        if isinstance(error, Stopping):
+            return GitHubUnavailable(f"{error}; the GitHub work in hand is left for the next run")
         outage = self._breaker.reason
         if outage is not None and not isinstance(error, GithubException):
             return GitHubDown(outage)
@@ -705,6 +734,7 @@ class GitHubClient:
             on_attempt=self._count_request,
             on_response=self._observe_headers,
             breaker=self._breaker,
+            bound_timeout=self._bound_timeout,
             max_retries=connection.retry,
             pool_connections=connection.pool_size,
             pool_maxsize=connection.pool_size,
@@ -949,14 +979,22 @@ class _CountingAdapter(HTTPAdapter):
         on_attempt: Callable[[], None],
         on_response: Callable[[Mapping[str, Any]], None],
         breaker: _Breaker,
+        bound_timeout: Callable[[float], float] | None = None,
         **kwargs: Any,
     ) -> None:
         self._on_attempt = on_attempt
         self._on_response = on_response
         self._breaker = breaker
+        self._bound_timeout = bound_timeout
         super().__init__(**kwargs)
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        bound = self._bound_timeout
+        timeout = kwargs.get("timeout")
+        if bound is not None and isinstance(timeout, int | float):
+            kwargs["timeout"] = bound(float(timeout))
+        elif bound is not None and isinstance(timeout, tuple):
+            kwargs["timeout"] = tuple(None if part is None else bound(float(part)) for part in timeout)
         self._on_attempt()
         self._breaker.begin()
         try:

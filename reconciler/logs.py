@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -97,6 +97,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``TIME LEVEL message key=value ...`` for a human at a terminal.
+
+    A mapping field (the run summary) becomes its own ``key=value`` pairs, nested ones with dotted keys; values
+    with spaces are quoted; lists are compact JSON; a ``reason`` that only repeats the message is left out."""
+
     def __init__(self, redactor: Redactor) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s")
         self._redact = redactor
@@ -104,9 +109,59 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = record_fields(record)
-        if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+        reason = fields.get("reason")
+        if isinstance(reason, str):
+            message = record.getMessage()
+            if reason == message:
+                del fields["reason"]
+            elif reason.startswith(f"{message}: "):
+                fields["reason"] = reason[len(message) + 2 :]
+        pairs = list(_pairs(fields, prefix="", top=True))
+        if pairs:
+            line += " " + " ".join(f"{key}={value}" for key, value in pairs)
         return _printable(self._redact(line))
+
+
+_BARE = re.compile(r"^[^\s\"'=]+$")
+_KEY = re.compile(r"^[\w.:/-]+$")
+
+
+def _pairs(fields: dict[str, Any], *, prefix: str, top: bool = False) -> Iterator[tuple[str, str]]:
+    for key, value in fields.items():
+        if value is None or (isinstance(value, list | tuple | dict) and not value):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and all(isinstance(k, str) and _KEY.match(k) for k in value):
+            # The first level lends its keys as they are (``summary`` is all its fields); deeper ones are dotted.
+            inner = "" if top and not any(k in fields for k in value) else f"{name}."
+            yield from _pairs(value, prefix=inner)
+            continue
+        yield name, _text_value(value)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return value if _BARE.match(value) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple) and all(isinstance(item, dict) and "cause" in item for item in value):
+        return _text_value("; ".join(_counted_cause(item) for item in value))
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    return _text_value(str(value))
+
+
+def _counted_cause(error: dict[str, Any]) -> str:
+    """A run summary's error entry: ``3x HTTP 503: cause (e.g. app)``."""
+    text = f"{error.get('count', 1)}x "
+    if error.get("status") is not None:
+        text += f"HTTP {error['status']}: "
+    text += str(error["cause"])
+    if error.get("example"):
+        text += f" (e.g. {error['example']})"
+    return text
 
 
 def configure_logging(

@@ -2,7 +2,9 @@
 
 In ``serve`` the counters accumulate over the life of the process. A ``run`` is one process per pass,
 so what it pushes are that pass's counts: the Pushgateway keeps the last value pushed for each series
-until the next push of the same name replaces it.
+until the next push of the same name replaces it. A value that only a run can give (its exit code, its
+duration, what it listed) has no sample until a run gave it. Counters have no ``_created`` series: a
+Pushgateway would keep one per push, and no alert here uses them.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import http.client
 import logging
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from email.message import Message
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, pushadd_to_gateway
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, pushadd_to_gateway
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,39 +30,48 @@ from reconciler.run import RunSummary
 
 log = logging.getLogger(__name__)
 
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 PUSH_TIMEOUT_SECONDS = 10.0
 RUN_EXIT_CODES = (exitcodes.OK, exitcodes.RETRY, exitcodes.LOCKED)
 """The exit codes a pass that got as far as the metrics can end with (2 stops before any)."""
 
 
 class OptionalGauge(Collector):
-    """A gauge with no sample until it is first set.
+    """A gauge with no sample until it is first set (per label value, when it has a label).
 
-    "Never succeeded" must not read as 0 (1970-01-01) and "no GitHub request yet" must not read as
-    "no rate limit left": either would fire an alert. Absent, an alert needs ``absent()``; and a push
-    without the sample leaves the value pushed by an earlier run in place.
+    "Never succeeded" must not read as 0 (1970-01-01), "no run yet" must not read as exit code 0, and
+    "no GitHub request yet" must not read as "no rate limit left": each would fire an alert or hide one.
+    Absent, an alert needs ``absent()``; and a push without the sample leaves the value pushed by an
+    earlier run in place.
     """
 
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry, label: str | None = None) -> None:
         self.name = name
         self.documentation = documentation
-        self._value: float | None = None
+        self.label = label
+        self._values: dict[str, float] = {}
         registry.register(self)
 
     @property
     def value(self) -> float | None:
-        return self._value
+        return self._values.get("")
 
-    def set(self, value: float) -> None:
-        self._value = float(value)
+    def set(self, value: float, label_value: str = "") -> None:
+        self._values[label_value] = float(value)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return [GaugeMetricFamily(self.name, self.documentation)]
+        return [GaugeMetricFamily(self.name, self.documentation, labels=[self.label] if self.label else None)]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        if self._value is None:
+        if not self._values:
             return []
-        return [GaugeMetricFamily(self.name, self.documentation, value=self._value)]
+        if self.label is None:
+            return [GaugeMetricFamily(self.name, self.documentation, value=self._values[""])]
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        for label_value, value in sorted(self._values.items()):
+            family.add_metric([label_value], value)
+        return [family]
 
 
 class PrometheusMetrics:
@@ -96,17 +111,26 @@ class PrometheusMetrics:
         self.rate_limit_remaining = OptionalGauge(
             "dora_reconciler_github_rate_limit_remaining", "GitHub core rate limit left, as last seen", r
         )
-        self.apps_listed = Gauge(
-            "dora_reconciler_apps_listed", "Applications listed and selected by the last run", registry=r
+        self.apps_listed = OptionalGauge(
+            "dora_reconciler_apps_listed",
+            "Applications listed and selected by the last run that listed the cluster",
+            r,
+            label="cluster",
         )
-        self.pending = Gauge(
-            "dora_reconciler_deployments_pending", "Deployments waiting for a health verdict", registry=r
+        self.cluster_listed = OptionalGauge(
+            "dora_reconciler_cluster_listed",
+            "1 when the last run read every Application of the cluster, 0 when it could not (see the run's errors)",
+            r,
+            label="cluster",
         )
-        self.deferred = Gauge(
-            "dora_reconciler_deployments_deferred", "Deployments the last run deferred to the next", registry=r
+        self.pending = OptionalGauge(
+            "dora_reconciler_deployments_pending", "Deployments waiting for a health verdict, as of the last run", r
         )
-        self.tick_seconds = Gauge("dora_reconciler_tick_duration_seconds", "Duration of the last run", registry=r)
-        self.last_exit_code = Gauge("dora_reconciler_last_run_exit_code", "Exit code of the last run", registry=r)
+        self.deferred = OptionalGauge(
+            "dora_reconciler_deployments_deferred", "Deployments the last run deferred to the next", r
+        )
+        self.run_seconds = OptionalGauge("dora_reconciler_run_duration_seconds", "Duration of the last run", r)
+        self.last_exit_code = OptionalGauge("dora_reconciler_last_run_exit_code", "Exit code of the last run", r)
         self.last_run = OptionalGauge(
             "dora_reconciler_last_run_timestamp_seconds", "When the last run ended, whatever its outcome", r
         )
@@ -138,18 +162,22 @@ class PrometheusMetrics:
     def dead_letter(self) -> None:
         self.dead_letters.inc()
 
-    def tick_finished(self, summary: RunSummary) -> None:
+    def run_finished(self, summary: RunSummary) -> None:
         self.github_requests.inc(summary.github_requests)
         if summary.rate_limit_remaining is not None:
             self.rate_limit_remaining.set(summary.rate_limit_remaining)
-        self.apps_listed.set(summary.apps_listed)
+        for cluster, counts in summary.clusters.items():
+            listed = bool(counts.get("listed"))
+            self.cluster_listed.set(1 if listed else 0, cluster)
+            if listed:
+                self.apps_listed.set(counts.get("apps_listed", 0), cluster)
         self.pending.set(summary.deployments_pending)
         self.deferred.set(summary.deployments_deferred)
-        self.tick_seconds.set(summary.seconds)
+        self.run_seconds.set(summary.seconds)
         self._ended(summary.exit_code)
 
     def run_aborted(self, exit_code: int) -> None:
-        """A run that ended before the tick could summarise it (lock held, state store down)."""
+        """A run that ended before it could summarise anything (lock held, state store down)."""
         self._ended(exit_code)
 
     def _ended(self, exit_code: int) -> None:
@@ -192,6 +220,7 @@ def push(config: Config, metrics: PrometheusMetrics, key: Mapping[str, str]) -> 
             registry=metrics.registry,
             grouping_key=dict(key),
             timeout=PUSH_TIMEOUT_SECONDS,
+            handler=_push_without_redirects,
         )
     except (OSError, ValueError, http.client.HTTPException) as error:
         log.warning(
@@ -201,3 +230,55 @@ def push(config: Config, metrics: PrometheusMetrics, key: Mapping[str, str]) -> 
         return False
     log.debug("metrics pushed", extra={"gateway": gateway, "grouping_key": dict(key)})
     return True
+
+
+class PushRedirected(OSError):
+    """The Pushgateway's URL answered with a redirect, which a push does not follow."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 302 after a POST with a GET and no body: a push through a single-sign-on proxy would end
+    on its login page with a 200 and the metrics would be silently lost. Every redirect is an error instead."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        raise PushRedirected(
+            f"the Pushgateway URL answered with a redirect (HTTP {code}) to {_where(req.full_url, newurl)}; "
+            "redirects are not followed: set metrics.pushgateway to the Pushgateway's own address (is a "
+            "single-sign-on proxy or an http-to-https redirect in front of it?)"
+        )
+
+
+def _where(base: str, location: str) -> str:
+    """Where a redirect points, without its query (SSO state) or credentials."""
+    try:
+        parts = urlsplit(urljoin(base, location))
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "an unreadable address"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def _push_without_redirects(
+    url: str, method: str, timeout: float | None, headers: list[tuple[str, str]], data: bytes
+) -> Callable[[], None]:
+    """prometheus-client's push handler, minus following redirects (``_RefuseRedirects``)."""
+
+    def handle() -> None:
+        request = urllib.request.Request(url, data=data, method=method)
+        for name, value in headers:
+            request.add_header(name, value)
+        opener = urllib.request.build_opener(_RefuseRedirects)
+        response: Any = opener.open(request, timeout=timeout)
+        with response:
+            if response.status >= 300:
+                raise OSError(f"error talking to the Pushgateway: HTTP {response.status} {response.reason}")
+
+    return handle

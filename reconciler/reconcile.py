@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Protocol, TextIO
@@ -25,13 +26,17 @@ from reconciler.github import GitHubClient
 from reconciler.images import CommitImages
 from reconciler.model import AppKey, AppObservation, Snapshot, format_time
 from reconciler.planner import PlannerPolicy, initialization_cutoff, newest_argocd_time, plan
-from reconciler.run import RunOptions, RunSummary, Shard, selected_clusters
+from reconciler.run import ClusterProgress, RunError, RunOptions, RunSummary, Shard, selected_clusters
 from reconciler.settled import Changed, decision_salt, for_planning, frozen_heap, settle, split_page
 from reconciler.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_SECONDS = 10.0
+SUMMARISED_NOTES = 10
+"""Distinct planner notes a baseline or backfill summarises per cluster (each is logged at debug level)."""
+PREVIOUS_RUNS_FOR_TOTALS = 20
+"""Stored run summaries searched for the last complete listing of each cluster (the progress lines' total)."""
 
 
 class ListerFactory(Protocol):
@@ -93,8 +98,11 @@ class Reconciler:
 
     def _run(self, options: RunOptions, command: str, run_id: str, lock_lost: Callable[[], bool]) -> RunSummary:
         started = self.monotonic()
-        summary = RunSummary(run_id=run_id, command=command, started_at=format_time(self.clock()))
+        summary = RunSummary(
+            run_id=run_id, command=command, started_at=format_time(self.clock()), dry_run=options.dry_run
+        )
         clusters = selected_clusters(self.config, options)
+        previous_totals = self._previous_totals() if self.progress else {}
         self.github.reset_tick()
         tick = Tick(
             options,
@@ -103,26 +111,28 @@ class Reconciler:
         )
         for cluster in clusters:
             if tick.halted():
-                summary.errors.append("stopped before every cluster was reconciled")
+                summary.add_error("stopped before every cluster was reconciled")
                 break
             try:
-                self._run_cluster(cluster, tick, summary)
+                self._run_cluster(cluster, tick, summary, previous_totals.get(cluster.name))
             except ClusterUnavailable as error:
-                summary.errors.append(f"cluster {cluster.name}: {error}")
+                summary.add_error(f"cluster {cluster.name}: {error}")
                 log.error("cluster unavailable", extra={"cluster": cluster.name, "reason": str(error)})
             except StoreUnavailable as error:
-                summary.errors.append(f"state store unavailable: {error}")
+                summary.add_error(f"state store unavailable: {error}")
                 log.error("state store unavailable; stopping the tick", extra={"reason": str(error)})
                 break
             except Exception as error:
                 # A bug or an unforeseen failure in one cluster holds back what is left of that cluster only.
                 reason = f"unexpected {type(error).__name__}: {error}"
-                summary.errors.append(f"cluster {cluster.name}: {reason}")
+                summary.add_error(f"cluster {cluster.name}: {reason}")
                 log.error("cluster failed", exc_info=True, extra={"cluster": cluster.name, "reason": reason})
+        summary.progress = None
         if lock_lost():
-            summary.errors.append("the run lock was lost: stopped sending, the rest is left to the next run")
+            summary.add_error("the run lock was lost: stopped sending, the rest is left to the next run")
         summary.github_requests = self.github.requests
-        summary.errors.extend(self.github.tick_problems())
+        for problem in self.github.tick_problems():
+            summary.add_error(problem)
         summary.rate_limit_remaining = self.github.rate_limit_remaining
         reset = self.github.rate_limit_reset
         summary.rate_limit_reset = format_time(reset) if reset else None
@@ -134,7 +144,26 @@ class Reconciler:
 
     # -- one cluster ---------------------------------------------------------------------------------
 
-    def _run_cluster(self, cluster: ClusterConfig, tick: Tick, summary: RunSummary) -> None:
+    def _previous_totals(self) -> dict[str, int]:
+        """Per cluster, the Applications its last complete listing read (from the stored run summaries)."""
+        try:
+            runs = self.store.run_summaries(PREVIOUS_RUNS_FOR_TOTALS)
+        except StoreUnavailable:
+            return {}
+        totals: dict[str, int] = {}
+        for run in runs:
+            clusters = run.get("clusters")
+            if not isinstance(clusters, dict):
+                continue
+            for name, counts in clusters.items():
+                read = counts.get("apps_read") if isinstance(counts, dict) else None
+                if isinstance(read, int) and counts.get("listed") is True:
+                    totals.setdefault(name, read)
+        return totals
+
+    def _run_cluster(
+        self, cluster: ClusterConfig, tick: Tick, summary: RunSummary, previous_total: int | None = None
+    ) -> None:
         options = tick.options
         now = self.clock()
         initialized_at = self.store.initialized_at(cluster.name)
@@ -143,7 +172,11 @@ class Reconciler:
         salt = decision_salt(self.config)
         last_progress = self.monotonic()
         argocd_now: datetime | None = None  # at initialisation: the newest time Argo CD wrote (its clock, not ours)
-        for page in self.lister_factory(cluster).pages():
+        counts = summary.cluster(cluster.name)
+        progress = summary.progress = ClusterProgress(cluster.name, apps_total=previous_total)
+        notes: Counter[str] | None = Counter() if initialized_at is None or options.backfill else None
+        lister = self.lister_factory(cluster)
+        for page in lister.pages():
             split = split_page(
                 page,
                 cluster.name,
@@ -155,19 +188,30 @@ class Reconciler:
             listed = split.listed
             seen.update(listed)
             seen.update(split.unreadable)
+            summary.apps_read += len(page)
             summary.apps_listed += len(listed)
             summary.apps_malformed += split.malformed
             for item in split.changed if initialized_at is None else ():
                 written = newest_argocd_time(item.observation)
                 if written is not None and (argocd_now is None or written > argocd_now):
                     argocd_now = written
-            self._process_page(split.changed, policy, now, tick, summary)
+            counts["apps_read"] += len(page)
+            counts["apps_listed"] += len(listed)
+            progress.apps_read += len(page)
+            progress.apps_total = lister.expected or previous_total
+            self._process_page(split.changed, policy, now, tick, summary, notes)
             if tick.halted():
-                summary.errors.append(f"cluster {cluster.name}: stopped before the listing was finished")
+                summary.add_error(f"cluster {cluster.name}: stopped before the listing was finished")
                 return
             if self.progress and self.monotonic() - last_progress >= self.progress_every:
                 self.progress(summary)
                 last_progress = self.monotonic()
+        counts["listed"] = True
+        if notes:
+            log.info(
+                "planner notes of this baseline or backfill, counted (each at debug level)",
+                extra={"cluster": cluster.name, "apps": len(seen), "notes": dict(notes.most_common(SUMMARISED_NOTES))},
+            )
         if options.dry_run:
             return
         self._forget_unlisted(cluster.name, seen, options.shard, now)
@@ -181,8 +225,16 @@ class Reconciler:
         return shard is None or shard.owns(key)
 
     def _process_page(
-        self, changed: list[Changed], policy: PlannerPolicy, now: datetime, tick: Tick, summary: RunSummary
+        self,
+        changed: list[Changed],
+        policy: PlannerPolicy,
+        now: datetime,
+        tick: Tick,
+        summary: RunSummary,
+        notes: Counter[str] | None = None,
     ) -> None:
+        """``notes``: count the planner's notes there and log them at debug level (a baseline or a backfill
+        notes every Application; one summary line per cluster replaces thousands)."""
         if not changed:
             return
         quiet: dict[AppKey, Snapshot] = {}
@@ -193,10 +245,14 @@ class Reconciler:
                 app_plan = plan(observation, snapshot, now, policy)
             except Exception as error:
                 log.exception("could not plan the application; retrying next run", extra={"app": str(observation.key)})
-                summary.errors.append(f"{observation.key}: internal error while planning ({type(error).__name__})")
+                summary.add_error(
+                    RunError(f"internal error while planning ({type(error).__name__})", example=str(observation.key))
+                )
                 continue
             for note in app_plan.notes:
-                log.info(note, extra={"app": str(observation.key)})
+                log.log(logging.INFO if notes is None else logging.DEBUG, note, extra={"app": str(observation.key)})
+                if notes is not None:
+                    notes[note] += 1
             if app_plan.snapshot.pending is not None:
                 summary.deployments_pending += 1
             if app_plan.deployments:
@@ -226,7 +282,9 @@ class Reconciler:
             except Exception as error:
                 key = work.observation.key
                 log.exception("could not prepare the deliveries; retrying next run", extra={"app": str(key)})
-                summary.errors.append(f"{key}: internal error while preparing deliveries ({type(error).__name__})")
+                summary.add_error(
+                    RunError(f"internal error while preparing deliveries ({type(error).__name__})", example=str(key))
+                )
                 continue
             works.append(work)
         if works:
@@ -263,9 +321,11 @@ def _count(summary: RunSummary, result: AppResult) -> None:
     summary.deployments_held_unreadable += result.held_unreadable
     summary.deployments_deduplicated += result.deduplicated
     summary.sent += result.sent
+    summary.would_send += result.would_send
     summary.retry_later += result.retry_later
     summary.dead_lettered += result.dead_lettered
-    summary.errors.extend(result.errors)
+    for error in result.errors:
+        summary.add_error(error)
 
 
 def planner_policy(config: Config, initialized_at: datetime | None, options: RunOptions) -> PlannerPolicy:

@@ -8,12 +8,13 @@ code. ``commands.py`` (``run``/``backfill``) and ``scheduler.py`` (``serve``) bo
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TextIO
 
 from reconciler import exitcodes
@@ -23,8 +24,9 @@ from reconciler.delivery import DeliveryMetrics
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
 from reconciler.metrics import PrometheusMetrics
+from reconciler.model import format_time
 from reconciler.reconcile import Reconciler
-from reconciler.run import RunOptions, RunSummary, selected_clusters
+from reconciler.run import RunOptions, RunSummary, StopFlag, selected_clusters
 from reconciler.store import LockHeld, RunLock, Store, StoreUnavailable, open_store
 
 log = logging.getLogger("reconciler")
@@ -41,25 +43,39 @@ class Runtime:
     store: Store
     github: GitHubClient
     devlake: DevLakeClient
-    sleep: Callable[[float], None] = time.sleep
-    """How every client waits between retries (Kubernetes, GitHub, DevLake); tests pass a no-op."""
+    stop: StopFlag = field(default_factory=StopFlag)
+    """The process's stop request (``serve`` sets it on SIGTERM): waits between retries end at once when it is
+    set, and requests started after it are bounded (``StopFlag``)."""
+    sleep: Callable[[float], None] | None = None
+    """How every client waits between retries (Kubernetes, GitHub, DevLake); ``None``: ``stop.sleep``. Tests pass
+    a no-op."""
 
     @classmethod
-    def open(cls, config: Config, *, sleep: Callable[[float], None] = time.sleep, read_only: bool = False) -> Runtime:
+    def open(
+        cls,
+        config: Config,
+        *,
+        sleep: Callable[[float], None] | None = None,
+        stop: StopFlag | None = None,
+        read_only: bool = False,
+    ) -> Runtime:
         """Open the state store and build the clients. Raises ``StoreUnavailable`` (nothing is left open then).
 
         ``read_only`` (``--dry-run``): GitHub answers are cached for this process only, never in the store."""
+        stop = stop or StopFlag()
+        wait = sleep or stop.sleep
         store = open_store(config.state)
         try:
-            github = GitHubClient(config.github, _ProcessCache(store) if read_only else store, sleep=sleep)
-            devlake = DevLakeClient(config.devlake, sleep=sleep)
+            cache = _ProcessCache(store) if read_only else store
+            github = GitHubClient(config.github, cache, sleep=wait, bound_timeout=stop.timeout)
+            devlake = DevLakeClient(config.devlake, sleep=wait, bound_timeout=stop.timeout)
         except BaseException:
             store.close()
             raise
-        return cls(config, store, github, devlake, sleep)
+        return cls(config, store, github, devlake, stop, sleep)
 
     def lister(self, cluster: ClusterConfig) -> ApplicationLister:
-        return open_lister(cluster, sleep=self.sleep)
+        return open_lister(cluster, sleep=self.sleep or self.stop.sleep)
 
     def reconciler(
         self,
@@ -77,7 +93,7 @@ class Runtime:
             lister_factory=self.lister,
             metrics=metrics,
             dry_run_output=dry_run_output,
-            stop=stop,
+            stop=stop or self.stop.event,
             progress=progress,
         )
 
@@ -127,22 +143,26 @@ class ProgressReporter:
 
     def __call__(self, summary: RunSummary) -> None:
         done = summary.deployments_success + summary.deployments_failed
+        progress = summary.progress
+        apps = str(summary.apps_read) if progress is None else str(progress.apps_read)
+        if progress is not None and progress.apps_total is not None:
+            apps += f"/{max(progress.apps_total, progress.apps_read)}"
+        sent_key, sent = ("would_send", summary.would_send) if summary.dry_run else ("sent", summary.sent)
         if self.interactive:
+            where = f"{progress.cluster}: " if progress is not None else ""
+            said = f"{sent} would be sent" if summary.dry_run else f"{sent} sent"
             self.stream.write(
-                f"\r\x1b[K{summary.apps_listed} apps listed, {done} deployments recorded, {summary.sent} sent, "
-                f"{summary.deployments_deferred} deferred"
+                f"\r\x1b[K{where}apps {apps}, {done} deployments, {said}, {summary.deployments_deferred} deferred"
             )
             self.stream.flush()
             self._line_open = True
         else:
+            fields: dict[str, object] = {"apps": apps}
+            if progress is not None:
+                fields = {"cluster": progress.cluster, **fields}
             log.info(
                 "progress",
-                extra={
-                    "apps_listed": summary.apps_listed,
-                    "deployments": done,
-                    "sent": summary.sent,
-                    "deferred": summary.deployments_deferred,
-                },
+                extra={**fields, "deployments": done, sent_key: sent, "deferred": summary.deployments_deferred},
             )
 
     def close(self) -> None:
@@ -180,6 +200,7 @@ def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptio
     """
     shard = options.shard
     suffix = f":{shard.index}of{shard.count}" if shard else ""
+    owner = run_lock_owner(owner)
     shards = shard.count if shard else 1
     held = RunLocks()
     with ExitStack() as stack:
@@ -203,6 +224,36 @@ def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptio
             )
             held.locks.append(stack.enter_context(own))
         yield held
+
+
+def run_lock_owner(run_id: str) -> str:
+    """What a run's lock holds: ``RUN_ID@HOST`` (in a pod, the host name is the pod's), so that a run finding it
+    held can say who holds it."""
+    return f"{run_id}@{socket.gethostname()}"
+
+
+def describe_lock_holder(store: Store, error: LockHeld) -> str:
+    """``lock NAME is held by …, until …``: who holds the lock and when it expires unless renewed."""
+    try:
+        holder = store.lock_holder(error.name)
+    except StoreUnavailable:
+        holder = None
+    if holder is None:
+        return f"{error} (it was released or expired just now: the next run takes it)"
+    owner = holder.owner
+    if owner.startswith("layout-") and owner[len("layout-") :].isdigit():
+        shards = int(owner[len("layout-") :])
+        who = "an unsharded run" if shards == 1 else f"the shards of a {shards}-shard layout (--shard I/{shards})"
+    elif "@" in owner:
+        run_id, host = owner.split("@", 1)
+        who = f"run {run_id} on {host}"
+    else:
+        who = owner
+    until = ""
+    if holder.expires_at is not None:
+        left = max(0, round((holder.expires_at - datetime.now(UTC)).total_seconds()))
+        until = f" until {format_time(holder.expires_at)} (in {left} s, unless renewed while it runs)"
+    return f"lock {error.name!r} is held by {who}{until}"
 
 
 def store_unavailable_at_start(error: StoreUnavailable) -> None:
@@ -244,7 +295,7 @@ def run_pass(
             if summary is None:
                 metrics.run_aborted(code)
             else:
-                metrics.tick_finished(summary)
+                metrics.run_finished(summary)
         if publish is not None:
             publish()
         return PassResult(code, summary)
@@ -264,7 +315,7 @@ def run_pass(
         with run_locks(store, [] if options.dry_run else clusters, options, owner=run_id) as locks:
             summary = reconciler.run(options, command, run_id=run_id, lock_lost=locks.lost)
     except LockHeld as error:
-        log.error("another run holds the lock; nothing was done", extra={"reason": str(error)})
+        log.error("another run holds the lock; nothing was done", extra={"reason": describe_lock_holder(store, error)})
         return finished(exitcodes.LOCKED)
     except StoreUnavailable as error:
         log.error("state store unavailable; the run stopped", extra={"reason": str(error)})

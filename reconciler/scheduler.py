@@ -1,11 +1,20 @@
-"""``serve``: reconciliation passes on a cron schedule, ``/metrics`` and ``/healthz``, graceful SIGTERM."""
+"""``serve``: reconciliation passes on a cron schedule, ``/metrics`` and ``/healthz``, graceful SIGTERM.
+
+A stop (SIGTERM, SIGINT) ends the process within ``STOP_GRACE_SECONDS``: the stop flag cuts every wait between
+retries short and bounds the requests started after it, the pass in hand stops at its next safe point (between
+two deployments, or after the page in hand), and if it has not ended when the grace is up the process exits
+anyway. What was not recorded is sent again by the next run under the same ids (DevLake upserts), as after a
+kill at any other point.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +22,8 @@ from types import FrameType
 from typing import Any
 
 from apscheduler.events import EVENT_SCHEDULER_STARTED
-from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.executors.base import BaseExecutor, run_job
+from apscheduler.job import Job
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,8 +42,27 @@ log = logging.getLogger(__name__)
 MISFIRE_GRACE_SECONDS = 300
 """A pass that could not start on time (the previous one still running, a GC pause) still runs within this."""
 STOP_GRACE_SECONDS = 25.0
-"""How long a stop waits for the pass in hand; keep it under the pod's terminationGracePeriodSeconds."""
+"""How long after a stop request the process may take to exit: the pass in hand has until then to end at a safe
+point. Keep it under the pod's terminationGracePeriodSeconds (30 s in ``cronjob/``), which ends in SIGKILL."""
 DEFAULT_HOST = "0.0.0.0"
+
+
+class DaemonThreadExecutor(BaseExecutor):  # type: ignore[misc]
+    """Runs each pass in a daemon thread of its own.
+
+    APScheduler's ``ThreadPoolExecutor`` uses ``concurrent.futures`` threads, which the interpreter joins at exit:
+    a pass stuck in a request would hold the process past its grace period until the kubelet's SIGKILL."""
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        def target() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as error:
+                self._run_job_error(job.id, error, error.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        threading.Thread(target=target, name="reconcile-pass", daemon=True).start()
 
 
 def build_trigger(config: Config) -> BaseTrigger:
@@ -62,6 +91,9 @@ class Service:
         host: str = DEFAULT_HOST,
         port: int | None = None,
         on_pass_finished: Callable[[int], None] | None = None,
+        stop_grace: float = STOP_GRACE_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+        exit_process: Callable[[int], object] = os._exit,
     ) -> None:
         self.config = config
         self.trigger = trigger or build_trigger(config)
@@ -71,8 +103,14 @@ class Service:
         self.port = config.metrics.port if port is None else port
         self.on_pass_finished = on_pass_finished
         """Called at the end of every pass, in the pass's thread, with its exit code (tests, embedding)."""
-        self.stop = threading.Event()
-        """Set by SIGTERM/SIGINT or :meth:`request_stop`: the pass in hand winds down at the next Application."""
+        self.stop = self.runtime.stop.event
+        """Set by SIGTERM/SIGINT or :meth:`request_stop`: the clients stop retrying, and the pass in hand winds
+        down at its next safe point."""
+        self.stop_grace = stop_grace
+        self._monotonic = monotonic
+        self._exit_process = exit_process
+        """How the process ends when the pass in hand outlives the grace period (tests record the call)."""
+        self._stop_requested_at: float | None = None
         self.passes = 0
         self.last_exit_code: int | None = None
         self.started_at = datetime.now(UTC)
@@ -86,7 +124,7 @@ class Service:
         self._lifecycle_lock = threading.Lock()
         self._scheduler = BlockingScheduler(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(1)},
+            executors={"default": DaemonThreadExecutor()},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_SECONDS},
         )
         self._http: ThreadingHTTPServer | None = None
@@ -204,10 +242,11 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        """Stop scheduling; the pass in hand finishes its current Application, saves, and the process exits."""
+        """Stop scheduling; the pass in hand ends at its next safe point, and the process exits within the grace."""
         if self._stopping:
             return
         self._stopping = True
+        self._stop_requested_at = self._monotonic()
         self.stop.set()
 
     def run(self) -> int:
@@ -238,16 +277,25 @@ class Service:
             self._wind_down()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if not self._idle.is_set():
+            # Its worker threads (concurrent.futures) would be joined at exit, past the grace period: end here.
+            # Nothing is lost: what the pass did not record is sent again by the next run under the same ids.
+            log.warning("stopped; exiting without the pass in hand", extra={"passes": self.passes})
+            logging.shutdown()
+            self._exit_process(exitcodes.OK)
+            return exitcodes.OK
         log.info("stopped", extra={"passes": self.passes})
         return exitcodes.OK
 
     def _wind_down(self) -> None:
         with self._pass_lock:
             self.request_stop()
-        if not self._idle.wait(timeout=STOP_GRACE_SECONDS):
+        requested = self._stop_requested_at if self._stop_requested_at is not None else self._monotonic()
+        left = max(0.0, self.stop_grace - (self._monotonic() - requested))
+        if not self._idle.wait(timeout=left):
             log.warning(
-                "the pass in hand did not finish in time; exiting without waiting for it",
-                extra={"seconds": STOP_GRACE_SECONDS},
+                "the pass in hand did not reach a safe point within the stop grace period; exiting without it",
+                extra={"seconds": self.stop_grace},
             )
         if self._http is not None:
             self._http.shutdown()
@@ -260,7 +308,9 @@ class Service:
 
     def _shutdown_when_stopped(self) -> None:
         self.stop.wait()
-        log.info("stop requested; finishing the Application in hand")
+        log.info(
+            "stop requested; the pass in hand ends at its next safe point", extra={"grace_seconds": self.stop_grace}
+        )
         self._shutdown_scheduler()
 
     def _on_scheduler_started(self, event: object) -> None:

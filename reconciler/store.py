@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -61,6 +61,14 @@ class LockHeld(Exception):
         self.name = name
 
 
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock, as stored with it, and when it expires unless renewed."""
+
+    owner: str
+    expires_at: datetime | None
+
+
 class Store(Protocol):
     def ping(self) -> None: ...
     def close(self) -> None: ...
@@ -84,6 +92,7 @@ class Store(Protocol):
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
     def release_lock(self, name: str, owner: str) -> None: ...
     def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool: ...
+    def lock_holder(self, name: str) -> LockHolder | None: ...
 
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None: ...
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
@@ -615,6 +624,20 @@ class RedisStore:
         with self._guard("release lock"):
             self._release(keys=[self._lock_key(name)], args=[self._lock_value(owner)])
 
+    def lock_holder(self, name: str) -> LockHolder | None:
+        with self._guard("read lock"), self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self._lock_key(name))
+            pipe.pttl(self._lock_key(name))
+            value, pttl = pipe.execute()
+        if value is None:
+            return None
+        try:
+            owner = str(json.loads(value)["owner"])
+        except (ValueError, KeyError, TypeError):
+            owner = "an unreadable owner"
+        expires = datetime.now(UTC) + timedelta(milliseconds=pttl) if isinstance(pttl, int) and pttl >= 0 else None
+        return LockHolder(owner, expires)
+
     # dead letters and run summaries
 
     def _push(self, list_name: str, cap: int, data: Mapping[str, Any]) -> None:
@@ -932,6 +955,16 @@ class SQLiteStore:
             conn.execute(
                 "DELETE FROM locks WHERE prefix = ? AND name = ? AND owner = ?", (self.key_prefix, name, owner)
             )
+
+    def lock_holder(self, name: str) -> LockHolder | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT owner, expires_at FROM locks WHERE prefix = ? AND name = ? AND expires_at > ?",
+                (self.key_prefix, name, time.time()),
+            ).fetchone()
+        if row is None:
+            return None
+        return LockHolder(str(row[0]), datetime.fromtimestamp(float(row[1]), UTC))
 
     # dead letters and run summaries
 

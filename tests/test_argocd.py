@@ -22,6 +22,7 @@ from reconciler.argocd import (
     decode_page,
 )
 from reconciler.config import ClusterConfig
+from reconciler.run import StopFlag
 from tests.fakes.kube_api import EncodedApp, FakeKubeAPI
 
 SECRET_TOKEN = "s3cr3t-bearer-0123456789abcdef"
@@ -590,3 +591,33 @@ def test_an_injected_client_is_used_and_left_open(api: FakeKubeAPI, kubeconfig: 
     assert names(list(lister.pages())) == ["app-0"]
     assert names(list(lister.pages())) == ["app-0"]
     assert lister.requests == 2
+
+
+def test_a_stop_during_a_retry_wait_ends_the_listing_as_unavailable_at_once(api: FakeKubeAPI, kubeconfig: Path) -> None:
+    """``serve`` on SIGTERM: the wait before the next attempt ends at once, and no attempt follows."""
+    stop = StopFlag()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        stop.set()
+        stop.sleep(seconds)
+
+    api.set_apps([app("app-0")])
+    api.fail_next(50, status=500)
+    lister = ClusterLister(make_cluster(kubeconfig, context="fake"), sleep=sleep)
+    with pytest.raises(ClusterUnavailable) as raised:
+        list(lister.pages())
+    assert raised.value.reason == "the process is stopping: listing left for the next run"
+    assert api.list_calls == 1 and len(waits) == 1
+
+
+def test_the_listing_knows_its_total_from_the_api_servers_count(api: FakeKubeAPI, kubeconfig: Path) -> None:
+    api.set_apps([app(f"app-{n}") for n in range(5)])
+    lister = make_lister(kubeconfig, [], page_size=2)
+    pages = lister.pages()
+    assert len(next(pages)) == 2
+    assert lister.expected == 5, "the first page's items and its remainingItemCount"
+    assert sum(len(page) for page in pages) == 3
+    selected = make_lister(kubeconfig, [], page_size=2, label_selector="team=none")
+    assert list(selected.pages()) == [] and selected.expected is None, "no count with a label selector"

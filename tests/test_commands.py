@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from reconciler import exitcodes
 from tests.factories import DEFAULT_REPO as GITOPS
 from tests.factories import at, git_source, history_entry, make_app, operation_state, set_health
 from tests.scenarios import baselined, deployed_app, new_deployment, settled_app
@@ -124,7 +125,7 @@ def test_explain_shows_how_an_application_is_read_and_what_comes_next(
         assert ":h1: SUCCESS new-revision" in out
         assert world.devlake.post_count == 0, "explain sends nothing"
 
-        assert world.run("argocd/absent", command="explain") == 0
+        assert world.run("argocd/absent", command="explain") == exitcodes.NOT_FOUND
         assert "argocd/absent: not found in any selected cluster" in capsys.readouterr().out
         assert world.run("no-slash", command="explain") == 2
 

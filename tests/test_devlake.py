@@ -38,6 +38,7 @@ from reconciler.model import (
     Snapshot,
     SourceRef,
 )
+from reconciler.run import STOPPING_REQUEST_TIMEOUT, StopFlag
 from tests.fakes.devlake import DEVLAKE_TIME, ENVIRONMENTS, FakeDevLake, parse_devlake_time
 
 T0 = datetime(2026, 5, 4, 9, 12, tzinfo=UTC)
@@ -803,7 +804,9 @@ def test_a_wrong_key_holds_the_deployment_back_and_the_key_appears_nowhere(
     assert delivery == Delivery(
         DeliveryOutcome.RETRY_LATER,
         403,
-        "DevLake refused the connection's configuration (HTTP 403): api key is invalid",
+        "DevLake refused the connection's configuration (HTTP 403): api key is invalid: DevLake does not know the "
+        f"key in ${KEY_ENV} (revoked or rotated, or DevLake's ENCRYPTION_SECRET changed): put the connection's "
+        "current key there",
         1,
     )
     assert wrong not in repr(delivery) and wrong not in repr(client)
@@ -829,7 +832,8 @@ def test_a_missing_token_holds_the_deployment_back_with_devlakes_401_message(
     assert delivery == Delivery(
         DeliveryOutcome.RETRY_LATER,
         401,
-        "DevLake refused the connection's configuration (HTTP 401): token is missing",
+        "DevLake refused the connection's configuration (HTTP 401): token is missing: the request reached DevLake "
+        "without the API key: is a proxy in front of it dropping the header?",
         1,
     )
     assert api_key not in delivery.message
@@ -869,7 +873,106 @@ def test_an_unreachable_devlake_is_retried_then_left_for_later(api_key: str, clo
         delivery = client.deliver(config.devlake.connections[0], payload_for(), clock() + 2.5)
 
     assert delivery.outcome is DeliveryOutcome.RETRY_LATER and delivery.status is None
-    assert delivery.attempts == 2 and "connection failed" in delivery.message
+    assert delivery.attempts == 2
+    assert delivery.message == (
+        f"cannot connect to 127.0.0.1:{port}: connection refused (is DevLake running, and is this its address?) "
+        "(gave up after 2 attempts)"
+    ), "host and port, not urllib3's pool and object dump"
+    assert delivery.cause is not None and "gave up" not in delivery.cause, "what summaries group by"
+
+
+def test_a_host_that_does_not_resolve_is_named_in_words(api_key: str, clock: FakeClock) -> None:
+    config = make_config("http://devlake.invalid:8080")
+    with DevLakeClient(config.devlake, sleep=clock.sleep, clock=clock) as client:
+        delivery = client.deliver(config.devlake.connections[0], payload_for(), clock() + 0.5)
+    assert delivery.message.startswith("cannot connect to devlake.invalid:8080: the host name does not resolve")
+    assert "HTTPConnectionPool" not in delivery.message and "object at 0x" not in delivery.message
+
+
+def test_a_key_of_another_connection_is_named_as_such(
+    fake: FakeDevLake, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection's generated key is scoped to its own id: DevLake answers 403 "path doesn't match api key's
+    scope" when it is used for another connection."""
+    fake.add_connection(2, "k" * 128)
+    monkeypatch.setenv(KEY_ENV, "k" * 128)
+    delivery = deliver(fake, clock, payload_for())
+    assert delivery.status == 403 and delivery.outcome is DeliveryOutcome.RETRY_LATER
+    assert "path doesn't match api key's scope" in delivery.message
+    assert f"the key in ${KEY_ENV} belongs to another connection" in delivery.message
+    with client_for(fake, clock) as client:
+        ok, message = client.probe(make_config(fake.url).devlake.connections[0])
+    assert not ok and f"the key in ${KEY_ENV} belongs to another connection" in message
+
+
+def test_a_devlake_url_ending_in_api_is_named_as_the_likely_mistake(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    """``devlake.url: …/api`` makes the path ``/api/api/rest/…``: DevLake has no such route and answers 404."""
+    config = make_config(f"{fake.url}/api")
+    with DevLakeClient(config.devlake, sleep=clock.sleep, clock=clock) as client:
+        delivery = client.deliver(config.devlake.connections[0], payload_for(), clock() + 60)
+        ok, message = client.probe(config.devlake.connections[0])
+    assert delivery.status == 404 and delivery.outcome is DeliveryOutcome.RETRY_LATER
+    assert "is devlake.url the Config UI address, without /api?" in delivery.message
+    assert not ok and "is devlake.url the Config UI address, without /api?" in message
+
+
+def test_an_unknown_connection_id_is_named_as_such(
+    fake: FakeDevLake, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.add_api_key("general-key", ".*")
+    monkeypatch.setenv(KEY_ENV, "general-key")
+    fake.remove_connection(1)
+    delivery = deliver(fake, clock, payload_for())
+    assert delivery.status == 404
+    assert delivery.message.startswith("connection 1 not found (HTTP 404: record not found (404)): ")
+    assert "check devlake.connections[].id" in delivery.message and "/api?" not in delivery.message
+
+
+def test_a_stop_cuts_a_long_retry_after_short_and_leaves_the_deployment_for_the_next_run(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    """A 429 asking for 100 s: the stop flag's wait ends at once (here: the stop came during the wait) and no
+    further attempt is made."""
+    stop = StopFlag()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        stop.set()  # SIGTERM arrives while the client waits
+        stop.sleep(seconds)
+
+    fake.fail_always(429, retry_after=100)
+    config = make_config(fake.url)
+    with DevLakeClient(config.devlake, sleep=sleep, clock=clock, bound_timeout=stop.timeout) as client:
+        delivery = client.deliver(config.devlake.connections[0], payload_for(), clock() + 3600)
+    assert waits == [100.0]
+    assert fake.post_count == 1, "no attempt after the stop"
+    assert delivery.outcome is DeliveryOutcome.RETRY_LATER and delivery.status == 429 and delivery.attempts == 1
+    assert "retries cut short after 1 attempt(s): the process is stopping" in delivery.message
+
+
+def test_requests_started_after_a_stop_have_a_bounded_timeout(
+    fake: FakeDevLake, api_key: str, clock: FakeClock
+) -> None:
+    timeouts: list[Any] = []
+
+    class Recording(requests.Session):
+        def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+            timeouts.append(kwargs.get("timeout"))
+            return super().send(request, **kwargs)
+
+    stop = StopFlag()
+    config = make_config(fake.url, devlake={"timeout": "60s"})
+    with Recording() as session:
+        client = DevLakeClient(
+            config.devlake, sleep=clock.sleep, clock=clock, session=session, bound_timeout=stop.timeout
+        )
+        client.deliver(config.devlake.connections[0], payload_for(), clock() + 60)
+        stop.set()
+        client.deliver(config.devlake.connections[0], payload_for(), clock() + 60)
+    assert timeouts == [(5.0, 60.0), (5.0, STOPPING_REQUEST_TIMEOUT)]
 
 
 def test_sending_the_same_deployment_twice_is_one_deployment(fake: FakeDevLake, api_key: str, clock: FakeClock) -> None:

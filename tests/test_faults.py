@@ -100,7 +100,7 @@ def test_store_lost_after_the_post_stops_the_tick_cleanly_and_the_next_run_recov
         assert "state store unavailable; stopping the tick" in messages(err)
         summary = summary_of(err)
         assert summary["exit_code"] == 1
-        assert any("state store unavailable" in error for error in summary["errors"])
+        assert any("state store unavailable" in error["cause"] for error in summary["errors"])
         assert list(world.devlake.deployment_rows(1)) == [wanted], "the POST went out before the store failed"
 
         monkeypatch.setattr(store_class, "record_delivery", original)
@@ -250,8 +250,8 @@ def test_one_failing_cluster_does_not_stop_the_other(
             assert list(world.devlake.deployment_rows(1)) == [wanted], "prod-east still delivers"
             summary = summary_of(err)
             assert summary["apps_listed"] == 1
-            (error,) = summary["errors"]
-            assert error.startswith("cluster prod-west: ")
+            ((error, count),) = [(entry["cause"], entry["count"]) for entry in summary["errors"]]
+            assert error.startswith("cluster prod-west: ") and count == 1
             unavailable = [line for line in log_lines(err) if line["message"] == "cluster unavailable"]
             assert [line["cluster"] for line in unavailable] == ["prod-west"]
             if failure != "unauthorized":
@@ -359,7 +359,7 @@ def test_an_unexpected_error_while_listing_one_cluster_does_not_stop_the_others(
             err = capsys.readouterr().err
             assert list(world.devlake.deployment_rows(1)) == [wanted], "prod-east is still listed and delivered"
             (error,) = summary_of(err)["errors"]
-            assert error == "cluster prod-west: unexpected LookupError: a bug met while listing"
+            assert error == {"cause": "cluster prod-west: unexpected LookupError: a bug met while listing", "count": 1}
             (failed,) = [line for line in log_lines(err) if line["message"] == "cluster failed"]
             assert failed["cluster"] == "prod-west" and "Traceback" in failed["error"]
 
@@ -406,7 +406,13 @@ def test_an_unexpected_error_on_one_application_does_not_stop_its_page(
             assert skipped["reason"] == "unexpected ZeroDivisionError: a bug met on one Application"
         else:
             assert code == 1, "an internal error is retried next run"
-            assert summary["errors"] == ["prod-east/argocd/a-api: internal error while planning (ZeroDivisionError)"]
+            assert summary["errors"] == [
+                {
+                    "cause": "internal error while planning (ZeroDivisionError)",
+                    "count": 1,
+                    "example": "prod-east/argocd/a-api",
+                }
+            ]
 
         monkeypatch.setattr(module, target, real)
         assert world.run() == 0
@@ -436,8 +442,8 @@ def test_a_listing_that_breaks_off_delivers_what_was_listed_and_marks_nothing_de
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert sorted(world.devlake.deployment_rows(1)) == sorted([ids["a-api"], ids["b-api"]])
-        (error,) = summary_of(err)["errors"]
-        assert error.startswith("cluster prod-east: the continue token of the Application list")
+        (entry,) = summary_of(err)["errors"]
+        assert entry["cause"].startswith("cluster prod-east: the continue token of the Application list")
         store = open_store(StateConfig(url=state_url, key_prefix=f"e2e-{tmp_path.name}"))
         try:
             unlisted = store.load_snapshots([AppKey("prod-east", "argocd", "c-api")])
@@ -557,7 +563,10 @@ def test_check_names_an_unreachable_devlake_and_a_bad_github_token_and_exits_2(
         by_name = {line.split(":", 1)[0]: line for line in lines}
         assert by_name["github"] == "github: FAILED (bad credentials (HTTP 401); check $GITHUB_TOKEN)"
         devlake = by_name["devlake connection 1"]
-        assert devlake.startswith("devlake connection 1: FAILED (unreachable: ") and "Connection refused" in devlake
+        assert devlake == (
+            f"devlake connection 1: FAILED (unreachable: cannot connect to {devlake_url.removeprefix('http://')}: "
+            "connection refused (is DevLake running, and is this its address?))"
+        )
         assert by_name["kubernetes prod-east"].startswith("kubernetes prod-east: ok")
         assert by_name["state store"].startswith("state store: ok")
 

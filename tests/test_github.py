@@ -26,6 +26,7 @@ from reconciler.github import (
     _CountingRetry,
     repository_from_url,
 )
+from reconciler.run import STOPPING_REQUEST_TIMEOUT, StopFlag, Stopping
 from tests.fakes.github import START, FakeGitHub, InMemoryCache, SilentServer, github_config
 
 TOKEN = "ghp_SUPERsecretTOKENvalue0123456789abcdef"
@@ -736,3 +737,46 @@ def test_no_token_still_works_unauthenticated(
     caplog.set_level(logging.WARNING, logger="reconciler.github")
     assert client_for(cache).commit("acme/api", sha).sha == sha
     assert "unauthenticated" in caplog.text
+
+
+def test_a_stop_during_a_retry_wait_ends_the_lookup_as_unavailable_at_once(
+    fake: FakeGitHub, cache: InMemoryCache, rsps: responses.RequestsMock
+) -> None:
+    """``serve`` on SIGTERM: the wait before the next attempt raises ``Stopping`` inside the HTTP stack (urllib3
+    calls the retry's sleep); the lookup fails as unavailable, so its deployment is deferred, not lost."""
+    shas = fake.add_commits("acme/api", 2)
+    stop = StopFlag()
+    retry: Retry = _CountingRetry(sleep=stop.sleep, total=5, backoff_factor=1)
+    retry = retry.increment("GET", "/x", error=ConnectionError("reset")).increment("GET", "/x", error=OSError("r"))
+    stop.set()
+    with pytest.raises(Stopping):
+        retry.sleep()
+
+    client = GitHubClient(github_config(), cache, sleep=stop.sleep, backoff_factor=1, bound_timeout=stop.timeout)
+    fake.raise_next(Stopping("stopping: a wait of 2 s between retries was cut short"))
+    with pytest.raises(GitHubUnavailable) as raised:
+        client.commit("acme/api", shas[0])
+    assert raised.value.reason.startswith("stopping: ")
+    assert client.commit("acme/api", shas[1]).sha == shas[1], "a request started after the stop still goes out"
+    sent = rsps.calls[-1].request
+    assert getattr(sent, "req_kwargs", {})["timeout"] == STOPPING_REQUEST_TIMEOUT, "with a bounded timeout"
+
+
+def test_probe_repository_reads_one_commit_and_names_what_it_cannot_read(
+    fake: FakeGitHub, cache: InMemoryCache
+) -> None:
+    shas = fake.add_commits("acme/api", 3)
+    fake.add_repo("acme/empty")
+    fake.add_commits("acme/private", 1)
+    fake.hide("acme/private")
+    client = client_for(cache)
+    assert client.probe_repository("acme/api") == shas[-1]
+    assert client.probe_repository("acme/empty") is None
+    with pytest.raises(RepositoryNotReadable):
+        client.probe_repository("acme/private")
+    assert client.requests == 3
+    assert fake.paths("commits") == [
+        "/repos/acme/api/commits",
+        "/repos/acme/empty/commits",
+        "/repos/acme/private/commits",
+    ]

@@ -67,8 +67,8 @@ def test_a_repository_github_will_not_show_holds_its_deployments_back_until_acce
         assert "cannot read" in named[0]["reason"] and "images.repositories" in named[0]["reason"]
         summary = summary_of(err)
         assert summary["deployments_held_unreadable"] == 2 == summary["deployments_deferred"]
-        assert [e for e in summary["errors"] if "acme/payments-api" in e] == [
-            f"GitHub repository acme/payments-api: {named[0]['reason']}"
+        assert [e for e in summary["errors"] if "acme/payments-api" in e["cause"]] == [
+            {"cause": f"GitHub repository acme/payments-api: {named[0]['reason']}", "count": 1}
         ]
         assert world.github.count("repo") == 1, "GitHub was asked once whether it can read the repository"
 
@@ -145,7 +145,7 @@ def test_a_github_that_never_answers_is_given_up_on_for_the_run_and_the_next_run
         assert [line["message"] for line in log_lines(err) if line["level"] == "error"] == [
             "GitHub is down for the rest of this run"
         ]
-        assert any("not answering" in error for error in summary["errors"])
+        assert any("not answering" in error["cause"] for error in summary["errors"])
 
         world.overrides["github"] = working
         world.write_config(tmp_path / "kubeconfig")

@@ -21,6 +21,7 @@ from reconciler.metrics import OptionalGauge, PrometheusMetrics, grouping_key, p
 from reconciler.runtime import Runtime
 from reconciler.scheduler import Service
 from reconciler.store import open_store
+from tests.fakes.kube_api import FakeKubeAPI
 from tests.fakes.server import FakeServer
 from tests.scenarios import deployed_app, new_deployment
 from tests.world import World, log_lines
@@ -43,9 +44,11 @@ class FakePushgateway(FakeServer):
 
     thread_name = "fake-pushgateway"
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, location: str | None = None) -> None:
         super().__init__()
         self.status = status
+        self.location = location
+        """With a 3xx ``status``: where it redirects (an SSO proxy's login page)."""
         self.pushes: list[Push] = []
         self._lock = threading.Lock()
 
@@ -59,10 +62,12 @@ class FakePushgateway(FakeServer):
                 with gateway._lock:
                     gateway.pushes.append(Push(self.command, self.path, body))
                 self.send_response(gateway.status)
+                if gateway.location is not None:
+                    self.send_header("Location", gateway.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_PUT = do_POST = do_DELETE = _record
+            do_PUT = do_POST = do_DELETE = do_GET = _record
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -124,6 +129,15 @@ def test_metrics_endpoint_exposes_the_counters_after_a_pass_with_deployments(wor
             before = parse_samples(response.read().decode())
         assert value(before, "dora_reconciler_last_success_timestamp_seconds") is None, "no success yet: no sample"
         assert value(before, "dora_reconciler_deliveries_total", connection="1", outcome="DELIVERED") == 0.0
+        for name in (
+            "dora_reconciler_last_run_exit_code",
+            "dora_reconciler_run_duration_seconds",
+            "dora_reconciler_deployments_pending",
+            "dora_reconciler_deployments_deferred",
+        ):
+            assert value(before, name) is None, f"{name}: no run yet, so no value that reads as one"
+        assert not [key for key in before if key[0].startswith(("dora_reconciler_apps_listed", "dora_reconciler_cl"))]
+        assert not [key for key in before if key[0].endswith("_created")], "no _created series"
 
         assert service.tick() == exitcodes.OK
         with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/metrics", timeout=5) as response:
@@ -138,13 +152,15 @@ def test_metrics_endpoint_exposes_the_counters_after_a_pass_with_deployments(wor
     assert value(after, "dora_reconciler_deployments_total", **ok) == 1.0
     assert value(after, "dora_reconciler_deliveries_total", connection="1", outcome="DELIVERED") == 1.0
     assert value(after, "dora_reconciler_dead_letters_total") == 0.0
-    assert value(after, "dora_reconciler_apps_listed") == 1.0
+    assert value(after, "dora_reconciler_apps_listed", cluster="prod-east") == 1.0
+    assert value(after, "dora_reconciler_cluster_listed", cluster="prod-east") == 1.0
     requests = value(after, "dora_reconciler_github_requests_total")
     assert requests is not None and requests >= 1, "the deployment's commits came from GitHub"
     assert value(after, "dora_reconciler_github_rate_limit_remaining") is not None
     assert value(after, "dora_reconciler_runs_total", exit_code="0") == 1.0
     assert value(after, "dora_reconciler_last_run_exit_code") == 0.0
-    duration = value(after, "dora_reconciler_tick_duration_seconds")
+    assert not [key for key in after if key[0].endswith("_created") or "tick" in key[0]]
+    duration = value(after, "dora_reconciler_run_duration_seconds")
     assert duration is not None and duration > 0
     last_success = value(after, "dora_reconciler_last_success_timestamp_seconds")
     assert last_success is not None and last_success == value(after, "dora_reconciler_last_run_timestamp_seconds")
@@ -244,6 +260,43 @@ def test_a_pushgateway_that_is_down_only_costs_a_warning(
     assert len(warnings) == 1 and warnings[0]["level"] == "warning"
     assert warnings[0]["gateway"] == url
     assert lines[-1]["message"] == "run finished", "the summary stays the last line"
+
+
+def test_a_push_answered_with_a_redirect_is_not_followed_and_says_where_it_points(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """urllib would follow the 302 with a GET and no body, which an SSO login page answers 200: lost, silently."""
+    with FakePushgateway(status=302) as sso:
+        url = sso.url
+        sso.location = f"{url}/oauth2/start?rd=%2Fmetrics%2Fjob%2Fdora-reconciler"
+        with World(tmp_path, state_url, monkeypatch, config={"metrics": {"pushgateway": sso.url}}) as world:
+            capsys.readouterr()
+            assert world.run() == 0
+    assert [push.method for push in sso.pushes] == ["POST"], "never replayed as a GET"
+    (warning,) = [line for line in log_lines(capsys.readouterr().err) if line["message"].startswith("could not push")]
+    assert f"redirect (HTTP 302) to {url}/oauth2/start;" in warning["reason"]
+    assert "rd=" not in warning["reason"] and "metrics.pushgateway" in warning["reason"]
+
+
+def test_a_cluster_that_cannot_be_listed_is_a_cluster_labelled_series(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, gateway: FakePushgateway
+) -> None:
+    with FakeKubeAPI() as west:
+        west.require_token("not-the-one-in-the-kubeconfig")
+        clusters = [
+            {"name": "prod-east", "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake"},
+            {"name": "prod-west", "kubeconfig": str(west.write_kubeconfig(tmp_path / "west", token="wrong"))},
+        ]
+        config = {"clusters": clusters, "metrics": {"pushgateway": gateway.url}}
+        with World(tmp_path, state_url, monkeypatch, config=config) as world:
+            world.set_apps([deployed_app(world, "a" * 40, "b" * 40)])
+            assert world.run() == exitcodes.RETRY
+    samples = gateway.pushes[-1].samples()
+    assert value(samples, "dora_reconciler_cluster_listed", cluster="prod-east") == 1.0
+    assert value(samples, "dora_reconciler_cluster_listed", cluster="prod-west") == 0.0
+    assert value(samples, "dora_reconciler_apps_listed", cluster="prod-east") == 1.0
+    assert value(samples, "dora_reconciler_apps_listed", cluster="prod-west") is None, "no count it did not make"
+    assert value(samples, "dora_reconciler_last_run_exit_code") == 1.0
 
 
 # -- units ------------------------------------------------------------------------------------------------

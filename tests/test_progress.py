@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,11 +69,11 @@ def test_without_a_terminal_progress_is_a_log_line_per_interval(
     assert summary.sent == 5
 
     lines = [line for line in log_lines(capsys.readouterr().err) if line["message"] == "progress"]
-    assert [(line["apps_listed"], line["deployments"], line["sent"]) for line in lines] == [
-        (2, 2, 2),
-        (4, 4, 4),
-        (5, 5, 5),
-    ], "one line after each page: the run's counts so far"
+    assert [(line["cluster"], line["apps"], line["deployments"], line["sent"]) for line in lines] == [
+        ("prod-east", "2/5", 2, 2),
+        ("prod-east", "4/5", 4, 4),
+        ("prod-east", "5/5", 5, 5),
+    ], "one line after each page: the run's counts so far, and the total the API server counted"
     assert stream.getvalue() == "", "no terminal control characters in a log"
 
 
@@ -90,9 +91,9 @@ def test_on_a_terminal_progress_is_one_line_rewritten_in_place(
     updates = terminal.getvalue().split("\r\x1b[K")
     assert updates == [
         "",
-        "2 apps listed, 2 deployments recorded, 2 sent, 0 deferred",
-        "4 apps listed, 4 deployments recorded, 4 sent, 0 deferred",
-        "5 apps listed, 5 deployments recorded, 5 sent, 0 deferred",
+        "prod-east: apps 2/5, 2 deployments, 2 sent, 0 deferred",
+        "prod-east: apps 4/5, 4 deployments, 4 sent, 0 deferred",
+        "prod-east: apps 5/5, 5 deployments, 5 sent, 0 deferred",
     ]
     reporter.close()
     assert terminal.getvalue().endswith(" deferred\n"), "closing ends the line for whatever is printed next"
@@ -123,7 +124,7 @@ def test_run_ends_the_terminal_line_before_the_summary(
     configure_logging()
     capsys.readouterr()
     assert run_command(load_config(world.config_path), progress=progress_reporter(terminal)) == 0
-    assert terminal.getvalue().startswith("\r\x1b[K2 apps listed")
+    assert terminal.getvalue().startswith("\r\x1b[Kprod-east: apps 2/5")
     assert terminal.getvalue().endswith("5 sent, 0 deferred\n")
     assert log_lines(capsys.readouterr().err)[-1]["message"] == "run finished"
 
@@ -137,3 +138,40 @@ def test_the_command_line_logs_progress_when_stderr_is_not_a_terminal(
     messages = [line["message"] for line in log_lines(capsys.readouterr().err)]
     assert messages.count("progress") == 3
     assert messages[-1] == "run finished"
+
+
+def test_without_the_api_servers_count_the_total_is_the_last_complete_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a label selector the API server counts nothing (``remainingItemCount`` is only given without one): the
+    total is what the last run that read the whole cluster read, and the first run has none."""
+    cluster = {"name": "prod-east", "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": 2}
+    config = {"clusters": [{**cluster, "label_selector": "team=payments"}]}
+    with World(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", monkeypatch, config=config) as world:
+        gitops = world.github.add_commits("acme/gitops", 1)
+        images = world.github.add_commits("acme/payments-api", 1)
+        world.set_apps([labelled(deployed_app(world, gitops[0], images[0], name=name)) for name in NAMES])
+        monkeypatch.setattr(reconcile, "PROGRESS_EVERY_SECONDS", 0.0)
+        capsys.readouterr()
+        assert world.run() == 0
+        first = [line["apps"] for line in log_lines(capsys.readouterr().err) if line["message"] == "progress"]
+        assert world.run() == 0
+        second = [line["apps"] for line in log_lines(capsys.readouterr().err) if line["message"] == "progress"]
+    assert first == ["2", "4", "5"], "nothing to count against yet"
+    assert second == ["2/5", "4/5", "5/5"], "the first run read the whole cluster: its count is the total"
+
+
+def test_a_dry_runs_progress_says_what_would_be_sent(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    terminal = FakeTerminal()
+    configure_logging()
+    capsys.readouterr()
+    config = load_config(world.config_path)
+    assert run_command(config, dry_run=True, stdout=io.StringIO(), progress=progress_reporter(terminal)) == 0
+    summary = log_lines(capsys.readouterr().err)[-1]["summary"]
+    assert summary["would_send"] == 5 and "sent" not in summary, "a dry run sends nothing and says so"
+    assert summary["dry_run"] is True
+
+
+def labelled(app: dict[str, Any]) -> dict[str, Any]:
+    app["metadata"].setdefault("labels", {})["team"] = "payments"
+    return app

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -198,6 +200,106 @@ def test_sigterm_during_a_pass_finishes_the_application_in_hand_and_the_next_run
         assert sorted(posted_refs(world)) == ["alpha-api:h1", "bravo-api:h1", "charlie-api:h1"], (
             "the next run sends the rest, and the stopped pass saved what it sent: nothing twice"
         )
+
+
+class StopOnRetry(logging.Handler):
+    """Sends SIGTERM to the process the first time a client is about to wait before a retry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().endswith("retrying") and not self.sent:
+            self.sent += 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_while_a_delivery_waits_out_a_long_retry_after_stops_at_once_and_loses_nothing(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DevLake answers 429 with Retry-After: 100. Waiting it out would keep the pod past its 30 s grace period (and
+    SIGKILL): the stop ends the wait at once, no attempt follows, the deployment is not recorded, and the next run
+    sends it once."""
+    config = {"metrics": {"port": 0}, "devlake": {"retry_budget": "10m"}}
+    with World(tmp_path, state_url, monkeypatch, config=config) as world:
+        apps, gitops, images = baseline(world, ["payments-api"])
+        world.set_apps([new_deployment(apps["payments-api"], 1, gitops[1], images[1], minute=30)])
+        world.devlake.fail_always(429, retry_after=100)
+        loaded = load_config(world.config_path)
+        codes: list[int] = []
+        daemon: list[bool] = []
+
+        def finished(code: int) -> None:
+            codes.append(code)
+            daemon.append(threading.current_thread().daemon)
+
+        service = Service(
+            loaded,
+            runtime=Runtime.open(loaded),  # the stop flag's own wait: the one serve uses
+            trigger=PollingTrigger(threading.Event()),
+            host="127.0.0.1",
+            port=0,
+            on_pass_finished=finished,
+        )
+        trigger = StopOnRetry()
+        logging.getLogger("reconciler").addHandler(trigger)
+        watchdog = threading.Timer(WAIT, service.request_stop)
+        watchdog.start()
+        started = time.monotonic()
+        try:
+            assert service.run() == exitcodes.OK
+        finally:
+            watchdog.cancel()
+            logging.getLogger("reconciler").removeHandler(trigger)
+        assert time.monotonic() - started < WAIT / 2, "the 100 s wait was cut short"
+        assert trigger.sent == 1
+        assert codes == [exitcodes.RETRY] and daemon == [True], "a daemon pass thread: exit never waits for it"
+        assert world.devlake.post_count == 1, "no attempt after the stop"
+
+        world.devlake.fail_always(None)
+        assert world.run() == 0
+        assert posted_refs(world) == ["payments-api:h1"], "the next run sends it, once"
+
+
+def test_a_pass_that_outlives_the_grace_period_does_not_hold_the_process(world: World) -> None:
+    """A request in flight ignores the stop flag until its timeout: when the grace is up the process exits
+    anyway, as a SIGKILL would end it but with its logs written and within the pod's grace period."""
+    apps, gitops, images = baseline(world, ["payments-api"])
+    world.set_apps([new_deployment(apps["payments-api"], 1, gitops[1], images[1], minute=30)])
+    in_flight = threading.Event()
+    release = threading.Event()
+    exits: list[int] = []
+    service: Service
+
+    class HangingMetrics(PrometheusMetrics):
+        def delivery(self, connection_id: int, outcome: str) -> None:
+            super().delivery(connection_id, outcome)
+            in_flight.set()
+            service.request_stop()
+            release.wait(WAIT)  # still "in flight" when the grace is up
+
+    config = load_config(world.config_path)
+    enough = threading.Event()
+    enough.set()
+    service = Service(
+        config,
+        runtime=Runtime.open(config, sleep=no_sleep),
+        trigger=PollingTrigger(enough),
+        host="127.0.0.1",
+        port=0,
+        metrics=HangingMetrics(),
+        stop_grace=0.0,
+        exit_process=exits.append,
+    )
+    try:
+        assert service.run() == exitcodes.OK
+        assert in_flight.is_set() and exits == [exitcodes.OK], "the process ends without waiting for the pass"
+        assert_closed(service.port)
+    finally:
+        release.set()
+        service._idle.wait(WAIT)
+        service.runtime.close()
 
 
 def test_serve_through_the_cli(

@@ -188,6 +188,7 @@ class FakeGitHub:
         routes: list[tuple[str, str, Any]] = [
             ("GET", rf"{base}/repos/[^/]+/[^/?]+{query}", self._get_repo),
             ("GET", rf"{base}/repos/[^/]+/[^/]+/commits/[^/?]+{query}", self._get_commit),
+            ("GET", rf"{base}/repos/[^/]+/[^/]+/commits{query}", self._list_commits),
             ("GET", rf"{base}/repos/[^/]+/[^/]+/compare/[^/?]+{query}", self._compare),
             ("GET", rf"{base}/search/commits{query}", self._search),
             ("GET", rf"{base}/rate_limit{query}", self._rate_limit),
@@ -357,7 +358,8 @@ class FakeGitHub:
     # -- inspection ----------------------------------------------------------------------------------
 
     def count(self, kind: str, repo: str | None = None) -> int:
-        """Requests of one kind: ``repo``, ``commit``, ``compare``, ``search``, ``rate_limit``, ``token`` or ``all``."""
+        """Requests of one kind: ``repo``, ``commit``, ``commits`` (a list), ``compare``, ``search``, ``rate_limit``,
+        ``token`` or ``all``."""
         total = 0
         for _method, path, _params in self.calls:
             if kind != "all" and _kind(path) != kind:
@@ -476,6 +478,20 @@ class FakeGitHub:
             }
             return 422, body, {}
         return 200, self.commit_json(repo, repo.commits[sha], full=True), {}
+
+    def _list_commits(
+        self, request: PreparedRequest, path: str, params: dict[str, list[str]]
+    ) -> tuple[int, Any, dict[str, str]]:
+        """The default branch's commits, newest first (``per_page``); 409 for an empty repository, as GitHub."""
+        repo = self._repo(path)
+        if repo is None:
+            return 404, _not_found("list-commits"), {}
+        if not repo.order:
+            body = {"message": "Git Repository is empty.", "status": "409"}
+            return 409, body, {}
+        per_page = int((params.get("per_page") or ["30"])[0])
+        newest = [repo.commits[sha] for sha in reversed(repo.order)][:per_page]
+        return 200, [self.commit_json(repo, commit, full=False) for commit in newest], {}
 
     def _ancestors(self, repo: FakeRepo, sha: str) -> list[str]:
         """``sha`` and its ancestors, newest first."""
@@ -614,6 +630,8 @@ def _kind(path: str) -> str:
         return "repo"
     if path.startswith("/repos/") and "/commits/" in path:
         return "commit"
+    if path.startswith("/repos/") and path.endswith("/commits"):
+        return "commits"
     if path.startswith("/repos/") and "/compare/" in path:
         return "compare"
     if path.startswith("/search/"):
