@@ -281,7 +281,8 @@ class Service:
             # Its worker threads (concurrent.futures) would be joined at exit, past the grace period: end here.
             # Nothing is lost: what the pass did not record is sent again by the next run under the same ids.
             log.warning("stopped; exiting without the pass in hand", extra={"passes": self.passes})
-            logging.shutdown()
+            for sink in logging.getLogger().handlers:
+                sink.flush()
             self._exit_process(exitcodes.OK)
             return exitcodes.OK
         log.info("stopped", extra={"passes": self.passes})
