@@ -31,6 +31,7 @@ from reconciler.github import (
     repository_from_url,
 )
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
+from reconciler.logs import describe_run_error
 from reconciler.metrics import PrometheusMetrics, grouping_key, push
 from reconciler.model import OWNER_REPO, AppObservation, Snapshot, format_time
 from reconciler.planner import plan
@@ -167,9 +168,7 @@ def _check_cluster(
     return True, f"kubernetes {name}: ok (can list applications.argoproj.io; {count} Application(s))"
 
 
-def _check_applications_file(
-    cluster: ClusterConfig, config: Config, found: list[AppObservation]
-) -> tuple[bool, str]:
+def _check_applications_file(cluster: ClusterConfig, config: Config, found: list[AppObservation]) -> tuple[bool, str]:
     """Readable, a list of Applications; how many, how many the cluster's selectors keep, how many are malformed.
     The ones the config selects go to ``found``."""
     lister = FileLister(cluster)
@@ -556,7 +555,7 @@ def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
         )
         errors = run.get("errors") or []
         for error in errors[:STATUS_ERRORS_PER_RUN]:
-            print(f"    error: {error}", file=stdout)
+            print(f"    error: {describe_run_error(error)}", file=stdout)
         if len(errors) > STATUS_ERRORS_PER_RUN:
             print(
                 f"    … and {len(errors) - STATUS_ERRORS_PER_RUN} more error(s) (status --json lists them)", file=stdout

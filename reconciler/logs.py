@@ -147,15 +147,19 @@ def _text_value(value: Any) -> str:
     if isinstance(value, str):
         return value if _BARE.match(value) else json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple) and all(isinstance(item, dict) and "cause" in item for item in value):
-        return _text_value("; ".join(_counted_cause(item) for item in value))
+        return _text_value("; ".join(describe_run_error(item) for item in value))
     if isinstance(value, list | tuple | dict):
         return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
     return _text_value(str(value))
 
 
-def _counted_cause(error: dict[str, Any]) -> str:
-    """A run summary's error entry: ``3x HTTP 503: cause (e.g. app)``."""
-    text = f"{error.get('count', 1)}x "
+def describe_run_error(error: dict[str, Any] | str) -> str:
+    """A run summary's error entry: ``3x HTTP 503: cause (e.g. app)``, without ``1x`` for a single one; summaries
+    stored by earlier versions hold plain strings."""
+    if isinstance(error, str):
+        return error
+    count = error.get("count", 1)
+    text = f"{count}x " if count != 1 else ""
     if error.get("status") is not None:
         text += f"HTTP {error['status']}: "
     text += str(error["cause"])

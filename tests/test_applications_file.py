@@ -401,5 +401,8 @@ def test_a_run_on_an_unreadable_file_fails_that_cluster_only(
         summary = log_lines(capsys.readouterr().err)[-1]["summary"]
     assert summary["apps_listed"] == 2
     assert summary["errors"] == [
-        "cluster prod-west: Applications file gone.json: cannot read it: No such file or directory"
+        {
+            "cause": "cluster prod-west: Applications file gone.json: cannot read it: No such file or directory",
+            "count": 1,
+        }
     ]

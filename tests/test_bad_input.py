@@ -343,7 +343,7 @@ def test_garbage_in_a_page_never_crashes_a_tick(fuzz: _Fuzz, garbage: list[Any])
     # A neighbour whose image maps to a repository GitHub does not have (quay.io/acme/unknown) is reported and held
     # back, by design (docs/design.md §4); any other error is a crash that was caught.
     unreadable = "GitHub repository acme/unknown: GitHub answers 404"
-    assert not [error for error in summary.errors if not error.startswith(unreadable)], summary.errors
+    assert not [error for error in summary.errors if not str(error["cause"]).startswith(unreadable)], summary.errors
     hidden = [record.getMessage() for record in records if record.exc_info or record.levelno >= logging.CRITICAL]
     assert not hidden, f"an exception was caught and logged instead of handled: {hidden}"
     assert wanted in fuzz.devlake.deployment_rows(1), "the valid app's deployment is delivered whatever its neighbours"

@@ -156,7 +156,7 @@ def test_the_text_format_prints_the_summary_as_key_value_pairs(
     assert "{'" not in last and "': " not in last, "no Python dict"
     assert " apps_listed=1 " in last and " sent=0 " in last and " exit_code=1" in last
     assert " clusters.prod-east.listed=true " in last
-    assert ' errors="1x HTTP 401: DevLake connection 1: ' in last and "; 1x HTTP 401: DevLake connection 6: " in last
+    assert ' errors="HTTP 401: DevLake connection 1: ' in last and "; HTTP 401: DevLake connection 6: " in last
 
 
 def record(message: str, **fields: Any) -> logging.LogRecord:
