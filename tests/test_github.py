@@ -18,12 +18,12 @@ from urllib3.util.retry import Retry
 from reconciler.github import (
     OUTAGE_ATTEMPTS,
     CommitNotFound,
+    CountingRetry,
     GitHubClient,
     GitHubDown,
     GitHubUnavailable,
     RateLimited,
     RepositoryNotReadable,
-    _CountingRetry,
     repository_from_url,
 )
 from reconciler.run import STOPPING_REQUEST_TIMEOUT, StopFlag, Stopping
@@ -530,10 +530,10 @@ def test_retry_backoff_goes_through_the_injected_sleep(monkeypatch: pytest.Monke
     monkeypatch.setattr("time.sleep", forbidden)
     sleeps = Sleeps()
     attempts: list[int] = []
-    retry: Retry = _CountingRetry(on_attempt=lambda: attempts.append(1), sleep=sleeps, total=5, backoff_factor=1)
+    retry: Retry = CountingRetry(on_attempt=lambda: attempts.append(1), sleep=sleeps, total=5, backoff_factor=1)
     for _ in range(3):
         retry = retry.increment(method="GET", url="/x", error=ConnectionError("reset"))
-    assert isinstance(retry, _CountingRetry)
+    assert isinstance(retry, CountingRetry)
     retry.sleep()
     assert sleeps.calls == [4.0]
     assert len(attempts) == 3
@@ -746,7 +746,7 @@ def test_a_stop_during_a_retry_wait_ends_the_lookup_as_unavailable_at_once(
     calls the retry's sleep); the lookup fails as unavailable, so its deployment is deferred, not lost."""
     shas = fake.add_commits("acme/api", 2)
     stop = StopFlag()
-    retry: Retry = _CountingRetry(sleep=stop.sleep, total=5, backoff_factor=1)
+    retry: Retry = CountingRetry(sleep=stop.sleep, total=5, backoff_factor=1)
     retry = retry.increment("GET", "/x", error=ConnectionError("reset")).increment("GET", "/x", error=OSError("r"))
     stop.set()
     with pytest.raises(Stopping):

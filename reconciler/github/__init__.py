@@ -1,0 +1,38 @@
+"""GitHub: commit lookup, short-SHA expansion, paginated compare and commit search, cached and counted.
+
+One job per module: ``client`` (the lookups and their per-tick single flight), ``transport`` (PyGithub
+instances, authentication, retries, rate limits), ``breaker`` (the per-tick circuit breaker), ``cache`` (what
+GitHub answered, kept in the state store), ``urls`` (recognising a repository URL of the GitHub host) and
+``errors``. This package knows nothing of Argo CD, DevLake or the state store's other contents.
+"""
+
+from reconciler.github.breaker import OUTAGE_ATTEMPTS
+from reconciler.github.cache import CommitCache, Comparison
+from reconciler.github.client import GitHubClient
+from reconciler.github.errors import (
+    UNREADABLE_CAUSE,
+    CommitNotFound,
+    GitHubDown,
+    GitHubError,
+    GitHubUnavailable,
+    RateLimited,
+    RepositoryNotReadable,
+)
+from reconciler.github.transport import CountingRetry
+from reconciler.github.urls import repository_from_url
+
+__all__ = [
+    "OUTAGE_ATTEMPTS",
+    "UNREADABLE_CAUSE",
+    "CommitCache",
+    "CommitNotFound",
+    "Comparison",
+    "CountingRetry",
+    "GitHubClient",
+    "GitHubDown",
+    "GitHubError",
+    "GitHubUnavailable",
+    "RateLimited",
+    "RepositoryNotReadable",
+    "repository_from_url",
+]
