@@ -18,6 +18,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -194,8 +195,41 @@ class ImagesConfig(_Section):
         return value
 
 
+_GHE_COM_API = re.compile(r"^api\.(?P<subdomain>[a-z0-9-]+)\.ghe\.com$")
+
+
+def derive_web_url(api_url: str) -> str:
+    """The web address of the GitHub whose REST API is ``api_url``: ``https://api.github.com`` ->
+    ``https://github.com``; GitHub Enterprise Cloud with data residency ``https://api.SUBDOMAIN.ghe.com`` ->
+    ``https://SUBDOMAIN.ghe.com``; GitHub Enterprise Server ``https://HOST/api/v3`` (or any other) ->
+    ``https://HOST``."""
+    host = (urlsplit(api_url.strip()).hostname or "").lower()
+    if host == "api.github.com":
+        return "https://github.com"
+    if match := _GHE_COM_API.fullmatch(host):
+        return f"https://{match.group('subdomain')}.ghe.com"
+    return f"https://{host}"
+
+
+def _normalise_web_url(value: str) -> str:
+    """``scheme://host[:port][/path]`` with a lower-case scheme and host and no trailing slash: the base of every
+    ``repoUrl``, which DevLake compares byte for byte."""
+    parts = urlsplit(value.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an https:// (or http://) address such as https://github.com")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("must be a plain address: no user, query or fragment")
+    netloc = parts.hostname.lower() + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+
+
 class GitHubConfig(_Section):
     url: str = "https://api.github.com"
+    """The REST API (``https://api.github.com``, ``https://HOST/api/v3``, ``https://api.SUBDOMAIN.ghe.com``, a
+    proxy)."""
+    web_url: str = "https://github.com"
+    """Base of every canonical ``repoUrl`` and the host whose GitOps ``repoURL``s are GitHub repositories.
+    Left out: derived from ``url`` (``derive_web_url``)."""
     token_env: str | None = "GITHUB_TOKEN"
     app_id: int | None = None
     """GitHub App authentication: app id, installation id and the env var holding the private key (PEM)."""
@@ -207,12 +241,28 @@ class GitHubConfig(_Section):
     timeout: Duration = timedelta(seconds=15)
     verify_tls: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_web_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("web_url") is None:
+            url = data.get("url", "https://api.github.com")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                data = {**data, "web_url": derive_web_url(url)}
+            else:
+                data = {key: value for key, value in data.items() if key != "web_url"}
+        return data
+
     @field_validator("url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with https:// (or http://)")
         return value.rstrip("/")
+
+    @field_validator("web_url")
+    @classmethod
+    def _web_url(cls, value: str) -> str:
+        return _normalise_web_url(value)
 
     @model_validator(mode="after")
     def _app_auth_complete(self) -> GitHubConfig:
@@ -230,14 +280,6 @@ class GitHubConfig(_Section):
 
     def app_private_key(self) -> str | None:
         return _read_secret(self.app_private_key_env)
-
-    @property
-    def web_url(self) -> str:
-        """Base of canonical repository URLs: ``https://github.com`` or the Enterprise host."""
-        if self.url.rstrip("/") == "https://api.github.com":
-            return "https://github.com"
-        host = self.url.split("://", 1)[1].split("/", 1)[0].lower()
-        return f"https://{host}"
 
 
 class StateConfig(_Section):

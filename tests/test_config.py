@@ -231,6 +231,44 @@ def test_github_enterprise_web_url() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "web_url"),
+    [
+        ("https://api.github.com", "https://github.com"),
+        ("https://GHE.acme.io/api/v3/", "https://ghe.acme.io"),
+        ("https://api.octocorp.ghe.com", "https://octocorp.ghe.com"),
+        ("https://API.Octocorp.GHE.com/", "https://octocorp.ghe.com"),
+        ("https://gh-proxy.acme.io:8443/github", "https://gh-proxy.acme.io"),
+    ],
+)
+def test_github_web_url_is_derived_from_the_api_url(url: str, web_url: str) -> None:
+    """GitHub Enterprise Cloud with data residency serves its API at api.SUBDOMAIN.ghe.com and its web (and
+    git) at SUBDOMAIN.ghe.com."""
+    data = minimal()
+    data["github"] = {"url": url}
+    assert validate_config(data).github.web_url == web_url
+
+
+def test_github_web_url_given_wins_and_is_normalised(tmp_path: Path) -> None:
+    """Behind a proxy the API host says nothing about where the repositories live."""
+    data = minimal()
+    data["github"] = {"url": "https://gh-proxy.acme.io/api/v3", "web_url": "HTTPS://GitHub.com/"}
+    assert validate_config(data).github.web_url == "https://github.com"
+
+    config = load_config(write(tmp_path, minimal()), {"DORA__GITHUB__WEB_URL": "https://octocorp.ghe.com"})
+    assert config.github.url == "https://api.github.com"
+    assert config.github.web_url == "https://octocorp.ghe.com"
+
+
+@pytest.mark.parametrize("web_url", ["github.com", "ftp://github.com", "https://user:pw@github.com", "https://"])
+def test_bad_github_web_url_names_the_key(web_url: str) -> None:
+    data = minimal()
+    data["github"] = {"web_url": web_url}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data)
+    assert caught.value.problems[0].startswith("github.web_url: must be")
+
+
+@pytest.mark.parametrize(
     ("mutate", "key"),
     [
         (lambda d: d["devlake"].pop("connections"), "devlake.connections: field required"),

@@ -121,6 +121,37 @@ def test_first_deployment_has_the_image_head_and_the_gitops_commit(fake: FakeGit
     assert client.requests == 2
 
 
+@pytest.mark.parametrize(
+    ("api_url", "web_url", "web"),
+    [
+        ("https://api.octocorp.ghe.com", None, "https://octocorp.ghe.com"),  # GHE.com with data residency
+        ("https://gh-proxy.acme.io/api/v3", "https://github.com", "https://github.com"),  # a proxy to github.com
+    ],
+)
+def test_repo_urls_and_gitops_repositories_are_on_the_github_web_host(
+    monkeypatch: pytest.MonkeyPatch, cache: InMemoryCache, api_url: str, web_url: str | None, web: str
+) -> None:
+    """``repoUrl`` is on the web host of ``github.web_url`` (derived from the API URL when left out), and a GitOps
+    ``repoURL`` on that host is a GitHub repository: neither is the API host."""
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        fake = FakeGitHub(rsps, api_url=api_url, token=TOKEN)
+        api = fake.add_commits("acme/api", 2)
+        gitops = fake.add_commit("acme/gitops")
+        github = {"url": api_url, **({"web_url": web_url} if web_url else {})}
+        enricher, _ = enricher_for(cache, github=github, devlake={"include_gitops_commit": True})
+        source = SourceRef(f"{web}/acme/gitops.git", path="apps/api/overlays/prod", target_revision="main")
+        enriched = only(
+            enricher.enrich_app(
+                [deploy(images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops], sources=[source])], {}
+            )
+        )
+    assert [(c.repo_url, c.sha) for c in enriched.heads] == [
+        (f"{web}/acme/api", api[1]),
+        (f"{web}/acme/gitops", gitops),
+    ]
+
+
 def test_history_is_the_range_since_the_previous_deployment(fake: FakeGitHub, cache: InMemoryCache) -> None:
     api = fake.add_commits("acme/api", 6)
     enricher, _ = enricher_for(cache)

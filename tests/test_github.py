@@ -719,6 +719,13 @@ def test_github_app_without_its_key_is_unavailable(
         ("https://github.com/acme/deploy/tree/main", "https://github.com", None),
         ("", "https://github.com", None),
         ("https://[broken", "https://github.com", None),
+        ("https://octocorp.ghe.com/platform/gitops.git", "https://octocorp.ghe.com", "platform/gitops"),
+        ("git@octocorp.ghe.com:platform/gitops.git", "https://octocorp.ghe.com", "platform/gitops"),
+        ("https://api.octocorp.ghe.com/platform/gitops", "https://octocorp.ghe.com", None),
+        ("https://scm.acme.io/github/platform/gitops.git", "https://scm.acme.io/github", "platform/gitops"),
+        ("https://scm.acme.io/GitHub/platform/gitops", "https://scm.acme.io/github", "platform/gitops"),
+        ("https://scm.acme.io/gitlab/platform/gitops", "https://scm.acme.io/github", None),
+        ("https://scm.acme.io/platform/gitops", "https://scm.acme.io/github", None),
     ],
 )
 def test_repository_from_url(url: str, web_url: str, repo: str | None) -> None:

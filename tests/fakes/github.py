@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import responses
 from requests import PreparedRequest
 
-from reconciler.config import GitHubConfig, validate_config
+from reconciler.config import GitHubConfig, derive_web_url, validate_config
 
 Reply = tuple[int, dict[str, str], str]
 
@@ -159,7 +159,7 @@ class FakeGitHub:
         parts = urlsplit(self.api_url)
         self.host = parts.hostname or ""
         self.prefix = parts.path.rstrip("/")
-        self.web_url = "https://github.com" if self.host == "api.github.com" else f"https://{self.host}"
+        self.web_url = derive_web_url(self.api_url)
         self.tokens: set[str] = {token} if token else set()
         self.require_auth = token is not None or app_installation_id is not None
         self.app_installation_id = app_installation_id
