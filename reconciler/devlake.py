@@ -79,6 +79,12 @@ def build_payload(
 ) -> dict[str, Any]:
     """The webhook body for one deployment (``docs/design.md`` §5).
 
+    Every date is the deployment's: a commit's ``startedDate`` is when the deployment that carries it started, not
+    when the commit was written. DevLake credits a pull request to the earliest commit row by ``started_date``
+    whose range contains it (``change_lead_time_calculator.go``), so a commit date would make every row of one
+    SHA tie (decided by row id) and let a later deployment of an older commit win over an earlier deployment
+    that already shipped it. No DORA computation reads ``createdDate``; it is the start too (DevLake's default).
+
     Raises ``PayloadError`` when there is no commit to send."""
     deployment = enriched.deployment
     key = deployment.key
@@ -96,13 +102,11 @@ def build_payload(
     where = f"{key.cluster}/{destination}" if destination else key.cluster
     label = "rollback" if enriched.rollback else deployment.deployment_class.value
     failed = " (FAILED)" if deployment.result is Result.FAILED else ""
-    dated = [commit.date for commit in (enriched.history or enriched.heads) if commit.date is not None]
-    created = min(dated) if dated else deployment.started_at
+    started = format_time(deployment.started_at)
     finished = format_time(deployment.finished_at)
 
     items: list[dict[str, Any]] = []
     for commit in commits:
-        committed = format_time(commit.date or deployment.started_at)
         short = f"{commit.repo}@{commit.sha[:7]}"
         items.append(
             {
@@ -110,8 +114,8 @@ def build_payload(
                 "refName": _ref_name(commit.sha, deployment),
                 "commitSha": commit.sha,
                 "commitMsg": _bounded(_first_line(commit.message), MAX_COMMIT_MESSAGE_LENGTH),
-                "createdDate": committed,
-                "startedDate": committed,
+                "createdDate": started,
+                "startedDate": started,
                 "finishedDate": finished,
                 "result": result,
                 "displayTitle": _bounded(f"{component} → {where}: {label} {short}{failed}", MAX_NAME_LENGTH),
@@ -126,8 +130,8 @@ def build_payload(
         "name": _bounded(f"{key} {deployment.ref}", MAX_NAME_LENGTH),
         "environment": environment.value,
         "result": result,
-        "createdDate": format_time(created),
-        "startedDate": format_time(deployment.started_at),
+        "createdDate": started,
+        "startedDate": started,
         "finishedDate": finished,
         "deploymentCommits": items,
     }

@@ -256,11 +256,8 @@ class Enricher:
                 history.append(gitops)
 
         self._check_dates(deployment, _unique([*heads.values(), *history]), warnings)
-        kept_heads = [commit for commit in heads.values() if commit.date is not None]
-        kept_history = sorted(
-            (commit for commit in _unique(history) if commit.date is not None),
-            key=lambda commit: commit.date or deployment.finished_at,
-        )
+        kept_heads = list(heads.values())
+        kept_history = sorted(_unique(history), key=lambda commit: commit.date or deployment.finished_at)
         for warning in warnings:
             log.warning(warning, extra=_fields(deployment, warning))
         if not kept_heads:
@@ -387,11 +384,10 @@ class Enricher:
 
     @staticmethod
     def _check_dates(deployment: Deployment, commits: Iterable[Commit], warnings: list[str]) -> None:
-        """A commit without a date is dropped (DevLake needs one); one dated after the deployment is kept."""
+        """A commit dated after the deployment finished is kept with a warning (clock skew, or a mapping to the
+        wrong repository). A commit without a date is kept as it is: the payload carries the deployment's dates."""
         for commit in commits:
-            if commit.date is None:
-                warnings.append(f"{commit.repo}@{commit.sha[:12]} dropped: GitHub gives it no date")
-            elif commit.date > deployment.finished_at:
+            if commit.date is not None and commit.date > deployment.finished_at:
                 warnings.append(
                     f"{commit.repo}@{commit.sha[:12]} is dated {format_time(commit.date)}, after the deployment "
                     f"finished ({format_time(deployment.finished_at)})"

@@ -213,7 +213,7 @@ def test_head_payload_is_accepted_by_devlake_and_follows_the_sender_profile(
         ("https://github.com/acme/gitops", GITOPS_SHA),
     ]
     app, gitops = payload["deploymentCommits"]
-    assert app["startedDate"] == app["createdDate"] == "2026-05-04T07:12:00Z"
+    assert app["startedDate"] == app["createdDate"] == gitops["startedDate"] == "2026-05-04T09:12:00Z"
     assert app["commitMsg"] == "Merge pull request #12 from acme/x"
     assert app["refName"] == APP_SHA[:7]
     assert gitops["refName"] == "main"
@@ -242,11 +242,16 @@ def test_failed_deployment_is_failure_on_every_commit_row(fake: FakeDevLake, api
     assert fake.deployment_rows(1)[payload["id"]]["result"] == "FAILURE"
 
 
-def test_created_date_is_the_earliest_commit_of_the_history_even_in_head_mode() -> None:
-    payload = payload_for()
+def test_every_date_is_the_deployments_not_a_commits() -> None:
+    """A commit's ``startedDate`` is when the deployment carrying it started: DevLake credits a pull request to the
+    earliest row by ``started_date``, so a commit date (07:12, 04:12) would rank this deployment by how old its
+    commits are. ``createdDate`` is the start too, DevLake's own default."""
+    payload = payload_for(make_enriched(history=(APP_OLDER, APP_HEAD, GITOPS)))
 
-    assert payload["createdDate"] == "2026-05-04T04:12:00Z"  # APP_OLDER, not among the heads
-    assert all(c["commitSha"] != APP_PARENT for c in payload["deploymentCommits"])
+    assert payload["createdDate"] == payload["startedDate"] == "2026-05-04T09:12:00Z"
+    for item in payload["deploymentCommits"]:
+        assert item["startedDate"] == item["createdDate"] == "2026-05-04T09:12:00Z"
+        assert item["finishedDate"] == "2026-05-04T09:15:30Z"
 
 
 def test_created_date_falls_back_to_started_date_without_commit_dates() -> None:
@@ -266,11 +271,7 @@ def test_range_mode_sends_every_commit_of_the_history_once(fake: FakeDevLake, ap
 
     assert_sender_profile(payload)
     assert [c["commitSha"] for c in payload["deploymentCommits"]] == [APP_PARENT, APP_SHA, GITOPS_SHA]
-    assert [c["startedDate"] for c in payload["deploymentCommits"]] == [
-        "2026-05-04T04:12:00Z",
-        "2026-05-04T07:12:00Z",
-        "2026-05-04T09:02:00Z",
-    ]
+    assert [c["startedDate"] for c in payload["deploymentCommits"]] == ["2026-05-04T09:12:00Z"] * 3
     assert payload["displayTitle"].endswith("new-revision 1a2b3c4, 9f8e7d6")
     assert deliver(fake, clock, payload).outcome is DeliveryOutcome.DELIVERED
     assert len(fake.commit_rows(1)) == 3

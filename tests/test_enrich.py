@@ -388,18 +388,20 @@ def test_skipped_deployment_does_not_move_the_base(fake: FakeGitHub, cache: InMe
     assert [c.sha for c in outcomes[1].history] == api[1:4]
 
 
-def test_commit_without_a_date_is_dropped_and_one_after_the_deployment_is_kept(
+def test_a_commit_without_a_date_is_kept_and_one_after_the_deployment_is_kept_with_a_warning(
     fake: FakeGitHub, cache: InMemoryCache
 ) -> None:
+    """The payload carries the deployment's dates, never a commit's: a commit GitHub gives no date is still the
+    commit DevLake needs for lead time."""
     api = fake.add_commit("acme/api", author_date=FINISHED + timedelta(hours=2))
     web = fake.add_commit("acme/web", dated=False)
     enricher, _ = enricher_for(cache)
     enriched = only(
         enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{api}", f"quay.io/acme/web:{web}"], sources=())], {})
     )
-    assert [c.repo for c in enriched.heads] == ["acme/api"]
-    assert [c.repo for c in enriched.history] == ["acme/api"]
-    assert any("acme/web" in w and "no date" in w for w in enriched.warnings)
+    assert [c.repo for c in enriched.heads] == ["acme/api", "acme/web"]
+    assert {c.repo for c in enriched.history} == {"acme/api", "acme/web"}
+    assert not any("acme/web" in w for w in enriched.warnings)
     assert any("acme/api" in w and "after the deployment" in w for w in enriched.warnings)
     assert enriched.deployed_commits == {"acme/api": api, "acme/web": web}
 
