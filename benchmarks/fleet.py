@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from reconciler.config import GitOpsCommit
 from tests.factories import (
     append_history,
     fake_sha,
@@ -294,11 +295,13 @@ class Fleet:
                     author_date=self.deployed_at(version) - timedelta(minutes=20),
                 )
 
-    def burst_minimum(self) -> tuple[int, int]:
+    def burst_minimum(self, gitops: GitOpsCommit = GitOpsCommit.FALLBACK) -> tuple[int, int]:
         """``(compares, commit lookups)`` the burst needs at least, with a cold cache: one compare per distinct
         (repository, previous SHA, new SHA), and one lookup per distinct new SHA that no compare returns (a
         compare ``base...head`` returns every commit in (base, head], head included): the GitOps revisions of the
-        new history entries, and any image SHA without a previous SHA or not ahead of it."""
+        new history entries that carry their GitOps commit (``devlake.include_gitops_commit``: every one, or with
+        ``fallback`` those whose image did not change), and any image SHA without a previous SHA or not ahead of
+        it."""
         head = VERSIONS - 1
         compares: set[tuple[str, str, str]] = set()
         returned: set[tuple[str, str]] = set()
@@ -308,8 +311,10 @@ class Fleet:
                 continue
             repo = f"acme/{member.component}"
             wanted.add((repo, commit_of(member.component, head)))
-            wanted.add((GITOPS_REPO, gitops_commit_of(member.component, head)))
-            if member.version == head:
+            image_changes = member.version != head
+            if gitops is GitOpsCommit.ALWAYS or (gitops is GitOpsCommit.FALLBACK and not image_changes):
+                wanted.add((GITOPS_REPO, gitops_commit_of(member.component, head)))
+            if not image_changes:
                 continue
             compares.add((repo, commit_of(member.component, member.version), commit_of(member.component, head)))
             returned.update((repo, commit_of(member.component, v)) for v in range(member.version + 1, head + 1))

@@ -333,7 +333,7 @@ def run(spec: Spec) -> dict[str, Any]:
             result["floor"] = statistics.median(floor["seconds"] for floor in floors)
             result["tick_median"] = statistics.median(tick["seconds"] for tick in ticks)
         elif spec.phase == "burst":
-            compares, lookups = bench.fleet.burst_minimum()
+            compares, lookups = bench.fleet.burst_minimum(bench.config.devlake.include_gitops_commit)
             result["minimum"] = {"compare": compares, "commit": lookups}
             result["burst_apps"] = bench.fleet.burst_count()
             result["tick"] = bench.tick(profile)

@@ -11,8 +11,9 @@ serving N realistic Applications (``benchmarks.fleet``). Then, each in a fresh p
 3. ``burst``: 10 % of the apps deploy a new image (20 image repositories, apps of one component share one),
    GitHub answering every request after ``--latency-ms``: the GitHub requests against the minimum with a cold
    cache (one compare per distinct repo/previous/new SHA, one commit lookup per new SHA no compare returns: here
-   the GitOps revisions), the tick time and how long at least one GitHub request was in flight (against
-   requests x latency, what sending them one by one would cost); then one more tick, which must be quiet again.
+   none, as a deployment of a new image carries no GitOps commit by default), the tick time and how long at
+   least one GitHub request was in flight (against requests x latency, what sending them one by one would
+   cost); then one more tick, which must be quiet again.
    ``--commits range`` runs every phase with ``devlake.commits: range`` (default ``head``).
 
 State in Redis (``$REDIS_URL``, else a throwaway ``redis-server`` on a free port) or ``--state sqlite``. Prints a

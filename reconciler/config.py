@@ -324,10 +324,33 @@ class ConnectionConfig(_Section):
         return _read_secret(self.api_key_env)
 
 
+class GitOpsCommit(StrEnum):
+    """When a deployment carries the commit of its GitOps repository (``devlake.include_gitops_commit``)."""
+
+    ALWAYS = "always"
+    """Every deployment (``true``)."""
+    FALLBACK = "fallback"
+    """Only a deployment that changed no image commit (a config change, a redeploy, images without commit
+    tags): the GitOps commit is then what it shipped, and every deployment keeps at least one commit."""
+    NEVER = "never"
+    """No deployment (``false``): one without an image commit is recorded, not sent."""
+
+
+def _gitops_commit(value: Any) -> Any:
+    if value is True:
+        return GitOpsCommit.ALWAYS
+    if value is False:
+        return GitOpsCommit.NEVER
+    if isinstance(value, str) and value.strip().lower() in {mode.value for mode in GitOpsCommit}:
+        return GitOpsCommit(value.strip().lower())
+    raise ValueError("must be fallback, true (always) or false (never)")
+
+
 class DevLakeConfig(_Section):
     url: str
     commits: Literal["head", "range"] = "head"
-    include_gitops_commit: bool = True
+    include_gitops_commit: Annotated[GitOpsCommit, BeforeValidator(_gitops_commit)] = GitOpsCommit.FALLBACK
+    """*Refined* default: ``fallback`` (it was ``true``); ``docs/design.md`` §4 says why."""
     dedupe: Literal["component", "application"] = "component"
     timeout: Duration = timedelta(seconds=30)
     max_concurrency: int = Field(default=8, ge=1, le=64)

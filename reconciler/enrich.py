@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import ParamSpec, TypeVar
 
-from reconciler.config import Config
+from reconciler.config import Config, GitOpsCommit
 from reconciler.github import (
     CommitNotFound,
     Comparison,
@@ -138,7 +138,8 @@ class Enricher:
         rollback's head, say) is never looked up on its own. The GitHub client's per-tick memo makes this
         transparent: the Applications then get these very answers (or errors), and nothing is sent twice.
         Covered: the compares and lookups of each Application's first deployment with commit-tagged images (its
-        bases are the snapshot's), and the GitOps lookups of every deployment.
+        bases are the snapshot's), and the GitOps lookups of every deployment that will carry its GitOps commit
+        (with ``include_gitops_commit: fallback``, as far as its image tags tell).
         """
         firsts: list[tuple[Deployment, Mapping[str, str], list[_Image]]] = []
         for deployments, previous in batches:
@@ -154,7 +155,14 @@ class Enricher:
                 if len(tags) == 1 and base is not None and not _same_commit(base, tags[0]):
                     compares.add((image.repo, base, tags[0]))
         list(pool.map(lambda c: self._quietly(self.github.compare, c[0], c[1], c[2], limit), compares))
-        gitops = {pair for deployments, _ in batches for d in deployments for pair in self._gitops_lookups(d)}
+        gitops: set[tuple[str, str]] = set()
+        for deployments, previous in batches:
+            carried = dict(previous)
+            for deployment in deployments:
+                images = self._images(deployment, [], search=False)
+                if self._carries_gitops(images, carried):
+                    gitops.update(self._gitops_lookups(deployment))
+                carried.update({image.repo: next(iter(image.tags)) for image in images if len(image.tags) == 1})
         work: list[Callable[[], object]] = [partial(self._heads, d, p, images) for d, p, images in firsts]
         work += [partial(self.github.commit, repo, revision) for repo, revision in gitops]
         list(pool.map(self._quietly, work))
@@ -171,9 +179,19 @@ class Enricher:
         except Exception:  # remembered by the client's memo; the Application's own call gets the same error
             return None
 
+    def _carries_gitops(self, images: Sequence[_Image], previous: Mapping[str, str]) -> bool:
+        """Whether a deployment with these images will carry its GitOps commit, judged by the tags alone."""
+        mode = self.config.devlake.include_gitops_commit
+        if mode is not GitOpsCommit.FALLBACK:
+            return mode is GitOpsCommit.ALWAYS
+        return all(
+            image.repo in previous and all(_same_commit(previous[image.repo], tag) for tag in image.tags)
+            for image in images
+        )
+
     def _gitops_lookups(self, deployment: Deployment) -> list[tuple[str, str]]:
         """``(repo, revision)`` of each Git source's commit, as ``_gitops_commits`` looks them up."""
-        if not self.config.devlake.include_gitops_commit:
+        if self.config.devlake.include_gitops_commit is GitOpsCommit.NEVER:
             return []
         lookups: list[tuple[str, str]] = []
         for index, source in enumerate(deployment.sources):
@@ -229,6 +247,7 @@ class Enricher:
         history: list[Commit] = []
         deployed = dict(previous)
         rollback = False
+        changed = False  # an image's head is not the one deployed before (or none is known): app code shipped
         for image in self._images(deployment, warnings):
             base = previous.get(image.repo)
             resolved = self._resolve(deployment, image, base, warnings)
@@ -238,6 +257,7 @@ class Enricher:
             repo = image.repo
             heads[repo] = head
             deployed[repo] = head.sha
+            changed = changed or base is None or base.lower() != head.sha
             if comparison is not None and base is not None:
                 if comparison.status == "behind":
                     rollback = True
@@ -250,7 +270,8 @@ class Enricher:
                     )
                 history.extend(comparison.commits)
             history.append(head)
-        if self.config.devlake.include_gitops_commit:
+        mode = self.config.devlake.include_gitops_commit
+        if mode is GitOpsCommit.ALWAYS or (mode is GitOpsCommit.FALLBACK and not changed):
             for gitops in self._gitops_commits(deployment, warnings):
                 heads.setdefault(gitops.repo, gitops)
                 history.append(gitops)

@@ -106,7 +106,7 @@ def only(outcomes: list[EnrichOutcome]) -> EnrichedDeployment:
 def test_first_deployment_has_the_image_head_and_the_gitops_commit(fake: FakeGitHub, cache: InMemoryCache) -> None:
     api = fake.add_commits("acme/api", 3)
     gitops = fake.add_commit("acme/gitops")
-    enricher, client = enricher_for(cache)
+    enricher, client = enricher_for(cache, devlake={"include_gitops_commit": True})
     enriched = only(
         enricher.enrich_app(
             [deploy(images=[f"quay.io/acme/api:{api[2]}", "nginx:1.25"], revisions=[gitops])],
@@ -228,7 +228,7 @@ def test_history_merges_repositories_oldest_first_without_duplicates(fake: FakeG
     api = fake.add_commits("acme/api", 3)
     web = fake.add_commits("acme/web", 3)
     gitops = fake.add_commit("acme/gitops")
-    enricher, _ = enricher_for(cache)
+    enricher, _ = enricher_for(cache, devlake={"include_gitops_commit": True})
     enriched = only(
         enricher.enrich_app(
             [
@@ -333,9 +333,58 @@ def test_gitops_commit_can_be_switched_off(fake: FakeGitHub, cache: InMemoryCach
     assert [c.repo for c in enriched.heads] == ["acme/api"]
 
 
+def test_by_default_the_gitops_commit_stands_in_only_when_no_image_commit_changed(
+    fake: FakeGitHub, cache: InMemoryCache
+) -> None:
+    """``include_gitops_commit: fallback``: a deployment that shipped app code carries its image commits; one that
+    shipped a config change (image unchanged), or has no commit-tagged image, carries the GitOps commit; and an
+    image commit GitHub does not have leaves the GitOps commit to stand in (DevLake rejects an empty list)."""
+    api = fake.add_commits("acme/api", 3)
+    gitops = fake.add_commits("acme/gitops", 4)
+    enricher, _ = enricher_for(cache)
+    new_image, config_only, no_image, image_gone = enricher.enrich_app(
+        [
+            deploy("h1", images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops[0]]),
+            deploy("h2", images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops[1]]),
+            deploy("h3", images=["quay.io/acme/api:v2.4.1"], revisions=[gitops[2]]),
+            deploy("h4", images=[f"quay.io/acme/api:{'e' * 40}"], revisions=[gitops[3]]),
+        ],
+        {"acme/api": api[0]},
+    )
+    heads = {
+        name: [(c.repo, c.sha) for c in outcome.heads]
+        for name, outcome in (("new", new_image), ("config", config_only), ("none", no_image), ("gone", image_gone))
+        if isinstance(outcome, EnrichedDeployment)
+    }
+    assert heads == {
+        "new": [("acme/api", api[1])],
+        "config": [("acme/api", api[1]), ("acme/gitops", gitops[1])],
+        "none": [("acme/gitops", gitops[2])],
+        "gone": [("acme/gitops", gitops[3])],
+    }
+    assert f"/repos/acme/gitops/commits/{gitops[0]}" not in fake.paths("commit"), "not even looked up"
+
+
+@pytest.mark.parametrize(("value", "repos"), [(True, ["acme/api", "acme/gitops"]), ("never", ["acme/api"])])
+def test_gitops_commit_modes_always_and_never(
+    fake: FakeGitHub, cache: InMemoryCache, value: object, repos: list[str]
+) -> None:
+    api = fake.add_commits("acme/api", 2)
+    gitops = fake.add_commit("acme/gitops")
+    enricher, _ = enricher_for(cache, devlake={"include_gitops_commit": value})
+    enriched = only(
+        enricher.enrich_app([deploy(images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops])], {"acme/api": api[0]})
+    )
+    assert [c.repo for c in enriched.heads] == repos
+
+
 def test_gitops_repo_that_is_also_an_image_repo_gives_one_head(fake: FakeGitHub, cache: InMemoryCache) -> None:
     shas = fake.add_commits("acme/gitops", 2)
-    enricher, _ = enricher_for(cache, images={"repositories": [{"image": r"quay\.io/acme/.+", "repo": "acme/gitops"}]})
+    enricher, _ = enricher_for(
+        cache,
+        images={"repositories": [{"image": r"quay\.io/acme/.+", "repo": "acme/gitops"}]},
+        devlake={"include_gitops_commit": True},
+    )
     enriched = only(enricher.enrich_app([deploy(images=[f"quay.io/acme/x:{shas[0]}"], revisions=[shas[1]])], {}))
     assert [(c.repo, c.sha) for c in enriched.heads] == [("acme/gitops", shas[0])]
     assert [c.sha for c in enriched.history] == shas
@@ -449,7 +498,7 @@ def test_a_repository_github_cannot_read_defers_whatever_the_time(fake: FakeGitH
     api = fake.add_commits("acme/api", 3)
     gitops = fake.add_commit("acme/gitops")
     fake.hide("acme/api")
-    enricher, client = enricher_for(cache)
+    enricher, client = enricher_for(cache, devlake={"include_gitops_commit": True})
     outcomes = enricher.enrich_app(
         [deploy(images=[f"quay.io/acme/api:{api[2]}"], revisions=[gitops])], {"acme/api": api[0]}
     )
@@ -468,7 +517,7 @@ def test_a_hidden_gitops_repository_defers_too(fake: FakeGitHub, cache: InMemory
     api = fake.add_commits("acme/api", 2)
     gitops = fake.add_commit("acme/gitops")
     fake.hide("acme/gitops")
-    enricher, _ = enricher_for(cache)
+    enricher, _ = enricher_for(cache, devlake={"include_gitops_commit": True})
     [outcome] = enricher.enrich_app(
         [deploy(images=[f"quay.io/acme/api:{api[1]}"], revisions=[gitops])], {"acme/api": api[0]}
     )
@@ -597,7 +646,7 @@ def test_the_head_comes_with_the_range_and_is_looked_up_only_when_no_compare_ret
 ) -> None:
     api = fake.add_commits("acme/api", 6)
     gitops = fake.add_commits("acme/gitops", 2)
-    enricher, client = enricher_for(cache)
+    enricher, client = enricher_for(cache, devlake={"include_gitops_commit": True})
     rollback = (
         [deploy(images=[f"quay.io/acme/api:{api[2]}"], revisions=[gitops[1]], app="rollback")],
         {"acme/api": api[5]},

@@ -92,6 +92,9 @@ class World:
                 "connections": self.connections,
                 "retry_budget": "2s",
                 "timeout": "5s",
+                # The scenarios count on a GitOps commit in every deployment (the default before ``fallback``);
+                # tests of the default pass ``{"devlake": {"include_gitops_commit": "fallback"}}``.
+                "include_gitops_commit": True,
             },
         }
         for section, values in self.overrides.items():
