@@ -24,6 +24,7 @@ from reconciler.config import ClusterConfig, Config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import (
     UNREADABLE_CAUSE,
+    WITHOUT_GITHUB,
     GitHubClient,
     GitHubUnavailable,
     RateLimited,
@@ -231,6 +232,8 @@ class _NoCache:
 
 def _check_github(config: Config, client: GitHubClient) -> tuple[bool, str, bool]:
     """``(ok, line, usable)``: ``usable`` when repositories can be probed next."""
+    if not config.github.enabled:
+        return True, f"github: disabled (github.enabled: false): {WITHOUT_GITHUB}", False
     try:
         remaining, limit, reset = client.rate_limit()
     except RateLimited as error:

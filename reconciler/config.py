@@ -224,6 +224,9 @@ def _normalise_web_url(value: str) -> str:
 
 
 class GitHubConfig(_Section):
+    enabled: bool = True
+    """``False``: never ask GitHub. Full-SHA image tags (with a repository rule) and 40-hex GitOps revisions are
+    still commits, known by repository and SHA alone: no message, no range, no short-SHA expansion, no search."""
     url: str = "https://api.github.com"
     """The REST API (``https://api.github.com``, ``https://HOST/api/v3``, ``https://api.SUBDOMAIN.ghe.com``, a
     proxy)."""

@@ -141,6 +141,8 @@ class Enricher:
         bases are the snapshot's), and the GitOps lookups of every deployment that will carry its GitOps commit
         (with ``include_gitops_commit: fallback``, as far as its image tags tell).
         """
+        if self.github.offline() is not None:
+            return  # nothing to ask: commits are known by their SHA alone
         firsts: list[tuple[Deployment, Mapping[str, str], list[_Image]]] = []
         for deployments, previous in batches:
             for deployment in deployments:
@@ -326,14 +328,16 @@ class Enricher:
         the head is looked up on its own only when no compare returns it."""
         repo = image.repo
         limit = self.config.github.max_commits_per_range
+        without_range = self.github.offline() is not None  # without GitHub the history is the head alone
         if len(image.tags) > 1:
             head = self._newest(deployment, image, warnings)
-            if head is None or base is None or base.lower() == head.sha:
+            if head is None or base is None or base.lower() == head.sha or without_range:
                 return (head, None) if head is not None else None
             return head, self._compare_or_warn(repo, base, head.sha, warnings)
         tag, label = next(iter(image.tags.items()))
-        if base is None or _same_commit(base, tag):
-            head = self._lookup(deployment, repo, base.lower() if base else tag, f"image {label}", warnings)
+        if base is None or _same_commit(base, tag) or without_range:
+            known = base.lower() if base is not None and _same_commit(base, tag) else tag
+            head = self._lookup(deployment, repo, known, f"image {label}", warnings)
             return (head, None) if head is not None else None
         try:
             comparison = _call(self.github.compare, repo, base, tag, limit)

@@ -787,3 +787,38 @@ def test_probe_repository_reads_one_commit_and_names_what_it_cannot_read(
         "/repos/acme/empty/commits",
         "/repos/acme/private/commits",
     ]
+
+
+def test_disabled_github_is_never_asked_and_knows_a_commit_by_its_sha_alone(
+    fake: FakeGitHub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``github.enabled: false``: a full SHA is a commit without message or date, which is never cached (once GitHub
+    is enabled the same commit gets its message); a short SHA, a range and a search are what GitHub alone knows."""
+    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+    sha = fake.add_commit("acme/api")
+    cache = InMemoryCache()
+    caplog.set_level(logging.INFO, logger="reconciler.github")
+    client = client_for(cache, enabled=False)
+
+    commit = client.commit("Acme/API", sha.upper())
+    assert (commit.repo, commit.repo_url, commit.sha, commit.message, commit.date) == (
+        "acme/api",
+        "https://github.com/acme/api",
+        sha,
+        "",
+        None,
+    )
+    with pytest.raises(CommitNotFound) as short:
+        client.commit("acme/api", sha[:7])
+    assert short.value.status is None and "cannot be expanded without GitHub" in short.value.reason
+    with pytest.raises(CommitNotFound) as compared:
+        client.compare("acme/api", sha, "b" * 40, 10)
+    assert compared.value.status is None
+    assert client.find_repository(sha) is None
+    assert client.offline() == "github.enabled is false"
+
+    assert fake.count("all") == 0 and client.requests == 0 and cache.data == {}
+    assert [r.getMessage() for r in caplog.records] == ["GitHub is not used this run"], "said once, no token warning"
+    client.reset_tick()
+    client.commit("acme/api", sha)
+    assert [r.getMessage() for r in caplog.records].count("GitHub is not used this run") == 2, "once per run"

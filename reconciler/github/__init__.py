@@ -8,7 +8,7 @@ GitHub answered, kept in the state store), ``urls`` (recognising a repository UR
 
 from reconciler.github.breaker import OUTAGE_ATTEMPTS
 from reconciler.github.cache import CommitCache, Comparison
-from reconciler.github.client import GitHubClient
+from reconciler.github.client import WITHOUT_GITHUB, GitHubClient
 from reconciler.github.errors import (
     UNREADABLE_CAUSE,
     CommitNotFound,
@@ -24,6 +24,7 @@ from reconciler.github.urls import repository_from_url
 __all__ = [
     "OUTAGE_ATTEMPTS",
     "UNREADABLE_CAUSE",
+    "WITHOUT_GITHUB",
     "CommitCache",
     "CommitNotFound",
     "Comparison",

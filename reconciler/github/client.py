@@ -41,6 +41,11 @@ T = TypeVar("T")
 
 _SHA_PREFIX = re.compile(r"[0-9a-f]{4,40}")
 
+WITHOUT_GITHUB = (
+    "commits are sent with their repository and SHA only: no commit message and no range since the previous "
+    "deployment; short-SHA image tags cannot be expanded and commit search is off"
+)
+
 
 class SingleFlight:
     """A per-tick memo of futures: the first caller of a key computes it, the others wait for its answer (or its
@@ -125,6 +130,9 @@ class GitHubClient:
         self._flight = SingleFlight(enabled=per_tick_memo)
         self._unreadable: dict[str, None] = {}
         """Repositories GitHub answered 404 for this tick, in the order found."""
+        self._offline_lock = threading.Lock()
+        self._offline: tuple[str | None] | None = None
+        """Why GitHub is not used this tick, once known: ``(None,)`` while it is used."""
 
     # -- counters ------------------------------------------------------------------------------------
 
@@ -149,11 +157,31 @@ class GitHubClient:
         return self.transport.rate_limit_reset
 
     def reset_tick(self) -> None:
-        """Forget this tick's lookups, request count, unreadable repositories and outage; the store's caches stay."""
+        """Forget this tick's lookups, request count, unreadable repositories, outage and whether GitHub can be
+        reached; the store's caches stay."""
         self._flight.clear()
         with self._lock:
             self._unreadable.clear()
+        with self._offline_lock:
+            self._offline = None
         self.transport.reset_tick()
+
+    def offline(self) -> str | None:
+        """Why GitHub is not used this tick, ``None`` while it is: ``github.enabled: false``, or no token (nor
+        GitHub App) is set and GitHub cannot be reached (one quick probe per tick). Logged once per tick.
+
+        Without GitHub, ``commit()`` knows a full SHA by its repository alone (no message, no date, never cached),
+        a short SHA cannot be expanded, ``compare()`` has no range and ``find_repository()`` finds nothing. A token
+        that is set means GitHub is wanted: an unreachable GitHub then holds the deployments back as before."""
+        if self.config.enabled and self.transport.authenticated:
+            return None
+        with self._offline_lock:
+            if self._offline is None:
+                reason = "github.enabled is false" if not self.config.enabled else self.transport.unreachable()
+                self._offline = (reason,)
+                if reason is not None:
+                    log.warning("GitHub is not used this run", extra={"reason": f"{reason}: {WITHOUT_GITHUB}"})
+            return self._offline[0]
 
     def tick_problems(self) -> list[str]:
         """What stopped GitHub work this tick and needs telling once: unreadable repositories, an outage."""
@@ -173,6 +201,10 @@ class GitHubClient:
         sha = ref.strip().lower()
         if not _SHA_PREFIX.fullmatch(sha):
             raise CommitNotFound(repo, ref[:80], "not a commit SHA")
+        if (offline := self.offline()) is not None:
+            if len(sha) < 40:
+                raise CommitNotFound(repo, sha, f"a short SHA cannot be expanded without GitHub ({offline})")
+            return Commit(repo=repo, repo_url=f"{self.web_url}/{repo}", sha=sha, message="", date=None)
         if len(sha) == 40:
             return self._flight.once(("commit", repo, sha), lambda: self._commit_full(repo, sha))
         return self._flight.once(("short", repo, sha), lambda: self._commit_short(repo, sha))
@@ -188,6 +220,8 @@ class GitHubClient:
             if not _SHA_PREFIX.fullmatch(ref):
                 raise CommitNotFound(repo, ref[:80], "not a commit SHA")
         limit = max(1, limit)
+        if (offline := self.offline()) is not None:
+            raise CommitNotFound(repo, f"{base[:12]}...{head[:12]}", f"no commit range without GitHub ({offline})")
         return self._flight.once(
             ("compare", repo, base, head, str(limit)), lambda: self._compare(repo, base, head, limit)
         )
@@ -195,7 +229,7 @@ class GitHubClient:
     def find_repository(self, sha: str) -> str | None:
         """``owner/repo`` holding ``sha`` according to GitHub commit search (default branches only)."""
         sha = sha.strip().lower()
-        if not _SHA_PREFIX.fullmatch(sha) or len(sha) < 7:
+        if not _SHA_PREFIX.fullmatch(sha) or len(sha) < 7 or self.offline() is not None:
             return None
         return self._flight.once(("search", sha), lambda: self._find_repository(sha))
 

@@ -153,6 +153,24 @@ class Transport:
         except (KeyError, TypeError, ValueError):
             raise GitHubUnavailable("unexpected /rate_limit response") from None
 
+    @property
+    def authenticated(self) -> bool:
+        """A token or a GitHub App is configured (and GitHub is enabled)."""
+        return self._auth is not None
+
+    def unreachable(self) -> str | None:
+        """Why GitHub cannot be reached at all (no route, no name resolution, no answer in ``github.timeout``), from
+        one ``GET /rate_limit`` sent once, without retries; ``None`` when GitHub answered anything."""
+        gh = self._new_github(self._auth, retries=0)
+        try:
+            gh.get_rate_limit()
+        except GithubException:
+            return None
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            host = urlsplit(self.config.url).hostname or self.config.url
+            return f"no GitHub token is set and {host} cannot be reached ({type(error).__name__})"
+        return None
+
     @contextmanager
     def github(self, *, guard: bool = True) -> Iterator[Github]:
         """Lend a pooled ``Github`` instance to this thread. ``guard``: refuse while rate limited or down."""
@@ -229,20 +247,20 @@ class Transport:
 
     # -- PyGithub instances --------------------------------------------------------------------------
 
-    def _retry(self) -> CountingRetry:
+    def _retry(self, retries: int | None = None) -> CountingRetry:
         return CountingRetry(
             on_attempt=self._count_request,
             on_response=self._observe_headers,
             sleep=self._sleep,
             max_wait=self._max_wait,
-            total=self._retries,
+            total=self._retries if retries is None else retries,
             backoff_factor=self._backoff_factor,
             breaker=self.breaker,
             secondary_rate_wait=SECONDARY_RATE_WAIT,
             max_rate_limit_wait=self._max_wait,
         )
 
-    def _new_github(self, auth: Auth.Auth | None) -> Github:
+    def _new_github(self, auth: Auth.Auth | None, *, retries: int | None = None) -> Github:
         gh = Github(
             auth=auth,
             base_url=self.config.url,
@@ -250,7 +268,7 @@ class Transport:
             user_agent=USER_AGENT,
             per_page=PER_PAGE,
             verify=self.config.verify_tls,
-            retry=self._retry(),
+            retry=self._retry(retries),
             seconds_between_requests=self._seconds_between_requests,
             seconds_between_writes=None,
             lazy=True,
@@ -279,6 +297,8 @@ class Transport:
 
     def _build_auth(self) -> Auth.Auth | None:
         config = self.config
+        if not config.enabled:
+            return None
         if config.app_id is not None and config.app_installation_id is not None:
             return _InstallationToken(self._fetch_installation_token)
         token = config.token()
