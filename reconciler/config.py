@@ -437,12 +437,14 @@ class Config(_Section):
         """One problem per environment variable the config names for a secret that is not set (or empty).
 
         ``github.token_env`` counts only when the config sets it: left at its default, an unset ``GITHUB_TOKEN``
-        means unauthenticated GitHub, which works with a low rate limit. ``devlake``: the connections' keys
+        means unauthenticated GitHub, which works with a low rate limit; with ``github.enabled: false`` no GitHub
+        secret is needed. ``devlake``: the connections' keys
         (a dry run sends nothing and needs none)."""
         named: list[tuple[str, str | None]] = []
-        if "token_env" in self.github.model_fields_set and self.github.app_id is None:
-            named.append(("github.token_env", self.github.token_env))
-        named.append(("github.app_private_key_env", self.github.app_private_key_env))
+        if self.github.enabled:
+            if "token_env" in self.github.model_fields_set and self.github.app_id is None:
+                named.append(("github.token_env", self.github.token_env))
+            named.append(("github.app_private_key_env", self.github.app_private_key_env))
         if devlake:
             named += [
                 (f"devlake.connections[{index}].api_key_env", connection.api_key_env)
