@@ -5,5 +5,6 @@ the regular tick), then the rules ``history`` (rule 3), ``operations`` (rules 4 
 (rule 6), then ``draft`` (the plan being built and the snapshot invariants every rule keeps), and at the bottom
 ``health`` (the health verdict of a history entry) and ``live_images`` (``status.summary.images`` read per image
 repository). Every module is pure: no I/O, no clock. A new rule is a new module here, called by ``plan()`` at
-its place in the order; it reads the verdict ``history`` decided and the ``Draft``, and adds steps or facts.
+its place in the order: it reads the ``Draft`` (the observation, the input snapshot, the steps emitted so far
+with their results and reasons) and adds steps, or facts recorded in the snapshot.
 """
