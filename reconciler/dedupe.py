@@ -1,7 +1,7 @@
 """Component dedupe (``devlake.dedupe: component``): the same change made by several Applications of one
 component reaches each connection once.
 
-What is compared is the *change* (``commit_set_fingerprint``), counted per Application: the n-th time one
+What is compared is the *change* (``change_fingerprint``), counted per Application: the n-th time one
 Application makes a change matches only another Application's n-th, so a rollback or a roll-forward of commits
 the component once had goes out again, while a twin Application repeating it does not. Within a tick, the first
 Application in listing order that makes a shared change sends it, so who sends never depends on timing.
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
-from reconciler.model import AppKey, EnrichedDeployment
+from reconciler.model import AppKey, DeploymentKind, EnrichedDeployment, SourceRef
 
 OCCURRENCES_PROBED = 8
 """How many earlier occurrences of one change by one Application are looked up; past that the change is sent
@@ -28,30 +28,40 @@ anyway (a possible duplicate beats a lost deployment)."""
 Mode = Literal["component", "application"]
 
 
-def commit_set_fingerprint(
-    enriched: EnrichedDeployment, *, environment: str, previous: Mapping[str, str] | None = None
-) -> str:
-    """A stable hash of the change a deployment makes, for component-level dedupe.
+def change_fingerprint(enriched: EnrichedDeployment, *, environment: str) -> str:
+    """A stable hash of the change a deployment makes, for component-level dedupe, the same whatever path an
+    Application took to it.
 
-    It covers the deployed head commits, where each of their repositories came from (``previous``:
-    ``owner/repo`` -> the SHA deployed before), the environment and the result. So a second Application of
-    the same component making the same change is deduplicated, while a rollback or a later redeploy of
-    commits the component already had is a new change and goes out; a staging deployment never hides the
-    production one, and a success after a failure of the same commits still goes out.
+    What a deployment deploys is what decides: for a history entry or a sync operation, its GitOps revisions per
+    source (repository and chart, not the path: twin Applications deploy one revision from their own paths);
+    for an image-only change, the commits its images name. Its environment and result too, so a staging
+    deployment never hides the production one and a success after a failure of the same revisions still goes
+    out. Neither where the commits came from nor the images a history entry ran are part of it: Argo CD keeps no
+    images for an entry that is no longer the newest, so an Application that catches up several syncs in one
+    run (or after its cluster could not be listed) knows them for its last entry only, and the change must
+    still match the one its twin made sync by sync. Repeating a change (a rollback, a roll-forward, a redeploy)
+    is told apart by counting occurrences per Application (``change_marker``).
     """
-    previous = previous or {}
-    pairs = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
-    origins = sorted({(commit.repo, previous[commit.repo]) for commit in enriched.heads if commit.repo in previous})
-    material = json.dumps(
-        {
-            "commits": pairs,
-            "from": origins,
-            "environment": str(environment),
-            "result": enriched.deployment.result.devlake,
-        },
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    deployment = enriched.deployment
+    revisions = [
+        [_source_identity(deployment.sources[index]) if index < len(deployment.sources) else "", revision]
+        for index, revision in enumerate(deployment.revisions)
+    ]
+    material: dict[str, object] = {
+        "revisions": revisions,
+        "environment": str(environment),
+        "result": deployment.result.devlake,
+    }
+    if deployment.kind is DeploymentKind.IMAGE:
+        material["images"] = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    text = json.dumps(material, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _source_identity(source: SourceRef) -> str:
+    """The repository (and chart) a revision belongs to, spelled alike whichever Application names it."""
+    repo = source.repo_url.strip().lower().rstrip("/").removesuffix(".git")
+    return f"{repo}#{source.chart}" if source.chart else repo
 
 
 # -- markers -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from reconciler.config import Config, ConnectionConfig
-from reconciler.dedupe import AppSteps, Claims, Decision, Step, Target, assign, commit_set_fingerprint, markers_to_read
+from reconciler.dedupe import AppSteps, Claims, Decision, Step, Target, assign, change_fingerprint, markers_to_read
 from reconciler.devlake import (
     CONFIGURATION_STATUSES,
     Delivery,
@@ -250,9 +250,7 @@ class Deliverer:
             except PayloadError as error:
                 step.unsendable = error.reason
             else:
-                step.fingerprint = commit_set_fingerprint(
-                    outcome, environment=str(step.payload["environment"]), previous=commits
-                )
+                step.fingerprint = change_fingerprint(outcome, environment=str(step.payload["environment"]))
             commits.update(outcome.deployed_commits)
             step.commits = dict(commits)
 

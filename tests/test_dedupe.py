@@ -14,8 +14,8 @@ from reconciler.dedupe import (
     Step,
     Target,
     assign,
+    change_fingerprint,
     change_marker,
-    commit_set_fingerprint,
     component_marker,
     markers_to_read,
 )
@@ -34,7 +34,7 @@ from tests.factories import at, fake_sha, fake_uid
 
 COMPONENT = "payments-api"
 CHANGE = "f" * 32
-"""A change fingerprint (``commit_set_fingerprint``)."""
+"""A change fingerprint (``change_fingerprint``)."""
 OTHER_CHANGE = "e" * 32
 
 
@@ -188,15 +188,15 @@ def _enriched(name: str, result: Result = Result.SUCCESS) -> EnrichedDeployment:
 
 
 def test_a_staging_deployment_never_hides_the_production_one() -> None:
-    staging = commit_set_fingerprint(_enriched("payments-api-staging"), environment="STAGING")
-    production = commit_set_fingerprint(_enriched("payments-api-prod"), environment="PRODUCTION")
+    staging = change_fingerprint(_enriched("payments-api-staging"), environment="STAGING")
+    production = change_fingerprint(_enriched("payments-api-prod"), environment="PRODUCTION")
     claims = decide(app("payments-api-staging", ("h1", staging)), app("payments-api-prod", ("h1", production)))
     assert claims.of(id_of("payments-api-prod", "h1")).duplicates == {}
 
 
 def test_a_success_after_a_failure_of_the_same_commits_is_not_a_duplicate() -> None:
-    failed = commit_set_fingerprint(_enriched("payments-api-eu", Result.FAILED), environment="PRODUCTION")
-    succeeded = commit_set_fingerprint(_enriched("payments-api-us"), environment="PRODUCTION")
+    failed = change_fingerprint(_enriched("payments-api-eu", Result.FAILED), environment="PRODUCTION")
+    succeeded = change_fingerprint(_enriched("payments-api-us"), environment="PRODUCTION")
     claims = decide(app("payments-api-eu", ("h1", failed)), app("payments-api-us", ("h1", succeeded)))
     assert claims.of(id_of("payments-api-us", "h1")).duplicates == {}
 

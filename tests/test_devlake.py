@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.config import Config, validate_config
-from reconciler.dedupe import commit_set_fingerprint
+from reconciler.dedupe import change_fingerprint
 from reconciler.devlake import (
     MAX_ATTEMPTS,
     Delivery,
@@ -387,19 +388,38 @@ def test_any_commit_mix_gives_a_valid_body_or_a_payload_error(
 # -- the fingerprint ---------------------------------------------------------------------------------
 
 
-def test_fingerprint_depends_on_the_head_set_environment_and_result_only() -> None:
-    base = commit_set_fingerprint(make_enriched(), environment="PRODUCTION")
+def test_fingerprint_depends_on_what_is_deployed_environment_and_result_only() -> None:
+    """A history entry is its GitOps revisions (Argo CD keeps no images for an entry once it is superseded, so a
+    twin catching up knows none); an image-only change is the commits its images name."""
+    base = change_fingerprint(make_enriched(), environment="PRODUCTION")
 
     reordered = make_enriched(heads=(GITOPS, APP_HEAD), history=(GITOPS,))
-    assert commit_set_fingerprint(reordered, environment="PRODUCTION") == base
+    assert change_fingerprint(reordered, environment="PRODUCTION") == base
     other_app = make_enriched(make_deployment(key=AppKey("prod-west", "argocd", "payments-api"), ref="h3"))
-    assert commit_set_fingerprint(other_app, environment="PRODUCTION") == base
+    assert change_fingerprint(other_app, environment="PRODUCTION") == base
+    superseded = make_enriched(make_deployment(images=()), heads=(GITOPS,), history=(GITOPS,))
+    assert change_fingerprint(superseded, environment="PRODUCTION") == base, "the same sync, caught up"
+    own_path = SourceRef("https://github.com/acme/gitops", path="apps/payments/eu", target_revision="main")
+    twin = make_enriched(make_deployment(sources=(own_path,)))
+    assert change_fingerprint(twin, environment="PRODUCTION") == base, "its own path in the same repository"
 
-    assert commit_set_fingerprint(make_enriched(), environment="STAGING") != base
+    assert change_fingerprint(make_enriched(), environment="STAGING") != base
     failed = make_enriched(make_deployment(result=Result.FAILED))
-    assert commit_set_fingerprint(failed, environment="PRODUCTION") != base
-    assert commit_set_fingerprint(make_enriched(heads=(APP_OLDER, GITOPS)), environment="PRODUCTION") != base
+    assert change_fingerprint(failed, environment="PRODUCTION") != base
+    other_revision = replace(make_deployment(), revisions=(APP_PARENT,))
+    assert change_fingerprint(make_enriched(other_revision), environment="PRODUCTION") != base
+    other_repo = make_deployment(sources=(SourceRef("https://github.com/acme/other-gitops", target_revision="main"),))
+    assert change_fingerprint(make_enriched(other_repo), environment="PRODUCTION") != base
     assert re.fullmatch(r"[0-9a-f]{32}", base)
+
+
+def test_an_image_only_change_is_the_commits_its_images_name() -> None:
+    image_change = replace(make_deployment(), kind=DeploymentKind.IMAGE, ref="img-1a2b3c4d5e6f")
+    base = change_fingerprint(make_enriched(image_change), environment="PRODUCTION")
+    assert change_fingerprint(make_enriched(image_change, heads=(GITOPS, APP_HEAD)), environment="PRODUCTION") == base
+    other_heads = make_enriched(image_change, heads=(APP_OLDER, GITOPS))
+    assert change_fingerprint(other_heads, environment="PRODUCTION") != base
+    assert change_fingerprint(make_enriched(), environment="PRODUCTION") != base, "not the history entry's change"
 
 
 # -- routing -----------------------------------------------------------------------------------------

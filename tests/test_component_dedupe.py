@@ -1,0 +1,120 @@
+"""Component dedupe end to end: one change made by several Applications of a component reaches DevLake once,
+whatever path each Application took to it (one sync per run, several caught up in one run, a cluster that could not
+be listed for a run) and however the Applications are split across shards running at the same time.
+
+What counts is what DevLake's DORA dashboards show: ``DoraReport`` over the fake DevLake's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler import exitcodes
+from reconciler.model import AppKey, deployment_id
+from tests.factories import fake_uid
+from tests.fakes.dora import DoraReport
+from tests.fakes.hardening import never_wait
+from tests.fakes.kube_api import FakeKubeAPI
+from tests.scenarios import deploy, settled_app
+from tests.test_delivery import REGIONS, open_world
+from tests.world import KUBE_TOKEN, World
+
+EAST, WEST = "prod-east", "prod-west"
+COMPONENTS = [f"svc-{n}" for n in range(5)]
+
+
+@pytest.fixture(autouse=True)
+def clients_never_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    never_wait(monkeypatch)
+
+
+def id_in(cluster: str, name: str, ref: str) -> str:
+    return deployment_id(AppKey(cluster, "argocd", name), fake_uid(f"argocd/{name}"), ref)
+
+
+def production_deployments(world: World, connection: int = 1) -> list[str]:
+    """The deployments DevLake's deployment frequency counts for the project of ``connection``."""
+    return DoraReport.of(world.devlake, [connection]).deployment_ids
+
+
+# -- 13.3: the fingerprint of a change does not depend on the path an Application took to it -------------------
+
+
+def test_a_twin_catching_up_two_syncs_in_one_run_does_not_send_them_again(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eu deploys change 1 then change 2, one run each; us makes the same two changes and a run sees both at once
+    (superseded entries carry no images). DevLake must count 2 deployments, not 4."""
+    with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
+        gitops = world.github.add_commits("acme/gitops", 3)
+        images = world.github.add_commits("acme/payments-api", 3)
+        eu = settled_app("payments-api-eu", gitops[0], images[0])
+        us = settled_app("payments-api-us", gitops[0], images[0])
+        world.set_apps([eu, us])
+        assert world.run() == 0
+
+        for change in (1, 2):
+            eu = deploy(eu, change, gitops[change], images[change])
+            world.set_apps([eu, us])
+            assert world.run() == 0
+        us = deploy(deploy(us, 1, gitops[1], images[1]), 2, gitops[2], images[2])
+        world.set_apps([eu, us])
+        assert world.run() == 0
+
+        eu_ids = [id_in(EAST, "payments-api-eu", f"h{n}") for n in (1, 2)]
+        assert sorted(devlake.deployments(1)) == sorted(eu_ids), "us made the very same two changes"
+        assert sorted(production_deployments(world)) == sorted(eu_ids)
+
+
+@contextmanager
+def two_clusters(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[World, FakeKubeAPI]]:
+    """prod-east runs each component's ``-eu`` Application, prod-west its ``-us`` twin."""
+    with FakeKubeAPI() as west:
+        west.require_token(KUBE_TOKEN)
+        west_config = west.write_kubeconfig(tmp_path / "kubeconfig-west", token=KUBE_TOKEN)
+        clusters = [
+            {"name": EAST, "kubeconfig": str(tmp_path / "kubeconfig"), "context": "fake", "page_size": 50},
+            {"name": WEST, "kubeconfig": str(west_config), "context": "fake", "page_size": 50},
+        ]
+        config: dict[str, Any] = {**REGIONS, "clusters": clusters}
+        with open_world(tmp_path, state_url, monkeypatch, config=config) as (world, _devlake):
+            yield world, west
+
+
+def test_a_cluster_that_could_not_be_listed_for_a_run_does_not_make_its_twins_send_again(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five components, each an ``-eu`` Application on prod-east and a ``-us`` twin on prod-west, make three changes
+    each, one per run; prod-west cannot be listed during the second run, so its Applications catch up two syncs in
+    the third. 15 changes: DevLake must count 15 deployments (it received 25)."""
+    with two_clusters(tmp_path, state_url, monkeypatch) as (world, west):
+        gitops = world.github.add_commits("acme/gitops", 4)
+        images = {name: world.github.add_commits(f"acme/{name}", 4) for name in COMPONENTS}
+        eu = {name: settled_app(f"{name}-eu", gitops[0], images[name][0], image_repo=name) for name in COMPONENTS}
+        us = {name: settled_app(f"{name}-us", gitops[0], images[name][0], image_repo=name) for name in COMPONENTS}
+        world.set_apps(list(eu.values()))
+        west.set_apps(us.values())
+        assert world.run() == 0
+
+        for change in (1, 2, 3):
+            eu = {n: deploy(app, change, gitops[change], images[n][change], image_repo=n) for n, app in eu.items()}
+            us = {n: deploy(app, change, gitops[change], images[n][change], image_repo=n) for n, app in us.items()}
+            world.set_apps(list(eu.values()))
+            west.set_apps(us.values())
+            if change == 2:
+                west.fail_next(1000, status=500)
+                assert world.run() == exitcodes.RETRY
+                west.fail_next(0)
+            else:
+                assert world.run() == 0
+
+        expected = [id_in(EAST, f"{name}-eu", f"h{change}") for name in COMPONENTS for change in (1, 2, 3)]
+        assert sorted(world.devlake.deployments(1)) == sorted(expected)
+        assert len(production_deployments(world)) == 15
