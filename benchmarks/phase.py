@@ -38,7 +38,7 @@ from reconciler.github import GitHubClient
 from reconciler.model import AppKey, Snapshot
 from reconciler.run import RunOptions, RunSummary
 from reconciler.runtime import Runtime, run_pass
-from reconciler.store import LockHolder, Store, StoredSnapshot, open_store
+from reconciler.store import BacklogItem, BacklogSlot, ChangeClaim, LockHolder, Store, StoredSnapshot, open_store
 from tests.fakes.github import FakeGitHub, Reply
 
 GITHUB_TOKEN_ENV = "BENCH_GITHUB_TOKEN"
@@ -104,14 +104,34 @@ class CountingStore:
     def snapshot_keys(self, cluster: str) -> list[AppKey]:
         return self.inner.snapshot_keys(cluster)
 
-    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+    def record_delivery(
+        self,
+        key: AppKey,
+        snapshot: Snapshot,
+        markers: Sequence[str],
+        *,
+        backlog: Sequence[BacklogItem] = (),
+        delivered: Sequence[BacklogSlot] = (),
+    ) -> None:
         self.counts["snapshot_writes"] += 1
         self.counts["deliveries_recorded"] += 1
-        self.inner.record_delivery(key, snapshot, markers)
+        self.inner.record_delivery(key, snapshot, markers, backlog=backlog, delivered=delivered)
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
         self.counts["marker_reads"] += 1
         return self.inner.existing_markers(markers)
+
+    def backlog(self, cluster: str | None = None) -> list[BacklogItem]:
+        self.counts["backlog_reads"] += 1
+        return self.inner.backlog(cluster)
+
+    def settle_backlog(self, slot: BacklogSlot, markers: Sequence[str]) -> None:
+        self.counts["backlog_writes"] += 1
+        self.inner.settle_backlog(slot, markers)
+
+    def claim_changes(self, claims: Sequence[ChangeClaim]) -> dict[str, str]:
+        self.counts["claim_writes"] += 1
+        return self.inner.claim_changes(claims)
 
     def initialized_at(self, cluster: str) -> datetime | None:
         return self.inner.initialized_at(cluster)
@@ -130,8 +150,14 @@ class CountingStore:
     def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         return self.inner.acquire_lock(name, owner, ttl_seconds)
 
-    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
-        return self.inner.acquire_shared_lock(name, group, ttl_seconds)
+    def acquire_shared_lock(self, name: str, group: str, holder: str, ttl_seconds: int) -> bool:
+        return self.inner.acquire_shared_lock(name, group, holder, ttl_seconds)
+
+    def renew_shared_lock(self, name: str, holder: str, ttl_seconds: int) -> bool:
+        return self.inner.renew_shared_lock(name, holder, ttl_seconds)
+
+    def release_shared_lock(self, name: str, holder: str) -> None:
+        self.inner.release_shared_lock(name, holder)
 
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         return self.inner.renew_lock(name, owner, ttl_seconds)

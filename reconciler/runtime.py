@@ -192,11 +192,12 @@ class RunLocks:
 
 @contextmanager
 def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptions, owner: str) -> Iterator[RunLocks]:
-    """Hold, for each cluster, its shard layout's lock and this run's lock. Raises ``LockHeld``.
+    """Hold, for each cluster, this run's lock and a place in its shard layout's lock. Raises ``LockHeld``.
 
-    Runs of one shard layout share the layout lock and keep runs of another layout out: a manual unsharded run
-    never works the same Applications as a sharded one. An unsharded run is its layout's only holder and
-    releases it; shards leave it to expire.
+    The run lock (per cluster and shard) comes first: a run that finds it taken stops before it touches the layout
+    lock. The layout lock is shared by the runs of one shard layout, each holding it under its own token, and
+    keeps runs of another layout out (a manual unsharded run never works the same Applications as a sharded one).
+    Leaving releases only this run's own holds; another layout gets in once the last holder has left.
     """
     shard = options.shard
     suffix = f":{shard.index}of{shard.count}" if shard else ""
@@ -205,16 +206,6 @@ def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptio
     held = RunLocks()
     with ExitStack() as stack:
         for cluster in sorted(clusters, key=lambda c: c.name):
-            layout = RunLock(
-                store,
-                f"layout:{cluster.name}",
-                owner=f"layout-{shards}",
-                ttl_seconds=LOCK_TTL_SECONDS,
-                renew_every=LOCK_RENEW_SECONDS,
-                shared=True,
-                keep=shards > 1,
-            )
-            held.locks.append(stack.enter_context(layout))
             own = RunLock(
                 store,
                 f"run:{cluster.name}{suffix}",
@@ -223,6 +214,15 @@ def run_locks(store: Store, clusters: Sequence[ClusterConfig], options: RunOptio
                 renew_every=LOCK_RENEW_SECONDS,
             )
             held.locks.append(stack.enter_context(own))
+            layout = RunLock(
+                store,
+                f"layout:{cluster.name}",
+                owner=owner,
+                ttl_seconds=LOCK_TTL_SECONDS,
+                renew_every=LOCK_RENEW_SECONDS,
+                group=f"layout-{shards}",
+            )
+            held.locks.append(stack.enter_context(layout))
         yield held
 
 
@@ -244,16 +244,22 @@ def describe_lock_holder(store: Store, error: LockHeld) -> str:
     if owner.startswith("layout-") and owner[len("layout-") :].isdigit():
         shards = int(owner[len("layout-") :])
         who = "an unsharded run" if shards == 1 else f"the shards of a {shards}-shard layout (--shard I/{shards})"
-    elif "@" in owner:
-        run_id, host = owner.split("@", 1)
-        who = f"run {run_id} on {host}"
     else:
-        who = owner
+        who = _describe_run(owner)
     until = ""
     if holder.expires_at is not None:
         left = max(0, round((holder.expires_at - datetime.now(UTC)).total_seconds()))
         until = f" until {format_time(holder.expires_at)} (in {left} s, unless renewed while it runs)"
-    return f"lock {error.name!r} is held by {who}{until}"
+    holders = f"; held now by {', '.join(_describe_run(token) for token in holder.holders)}" if holder.holders else ""
+    return f"lock {error.name!r} is held by {who}{until}{holders}"
+
+
+def _describe_run(token: str) -> str:
+    """``run RUN_ID on HOST`` for a ``RUN_ID@HOST`` lock token; any other token as it is."""
+    if "@" in token:
+        run_id, host = token.split("@", 1)
+        return f"run {run_id} on {host}"
+    return token
 
 
 def store_unavailable_at_start(error: StoreUnavailable) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.client import Pipeline
 from redis.retry import Retry
 from redis.typing import EncodableT
 
@@ -63,10 +64,14 @@ class LockHeld(Exception):
 
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a lock, as stored with it, and when it expires unless renewed."""
+    """Who holds a lock, as stored with it, and when it expires unless renewed.
+
+    A shared lock (the layout lock): ``owner`` is the group (``layout-N``), ``holders`` the token of each run
+    holding it now (``RUN_ID@HOST``), and ``expires_at`` the latest of their expiries (the lock is free then)."""
 
     owner: str
     expires_at: datetime | None
+    holders: tuple[str, ...] = ()
 
 
 class Store(Protocol):
@@ -79,8 +84,20 @@ class Store(Protocol):
     def delete_snapshots(self, keys: Sequence[AppKey]) -> None: ...
     def snapshot_keys(self, cluster: str) -> list[AppKey]: ...
 
-    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None: ...
+    def record_delivery(
+        self,
+        key: AppKey,
+        snapshot: Snapshot,
+        markers: Sequence[str],
+        *,
+        backlog: Sequence[BacklogItem] = (),
+        delivered: Sequence[BacklogSlot] = (),
+    ) -> None: ...
     def existing_markers(self, markers: Sequence[str]) -> set[str]: ...
+
+    def backlog(self, cluster: str | None = None) -> list[BacklogItem]: ...
+    def settle_backlog(self, slot: BacklogSlot, markers: Sequence[str]) -> None: ...
+    def claim_changes(self, claims: Sequence[ChangeClaim]) -> dict[str, str]: ...
 
     def initialized_at(self, cluster: str) -> datetime | None: ...
     def set_initialized_at(self, cluster: str, when: datetime) -> None: ...
@@ -91,7 +108,9 @@ class Store(Protocol):
     def acquire_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool: ...
     def release_lock(self, name: str, owner: str) -> None: ...
-    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool: ...
+    def acquire_shared_lock(self, name: str, group: str, holder: str, ttl_seconds: int) -> bool: ...
+    def renew_shared_lock(self, name: str, holder: str, ttl_seconds: int) -> bool: ...
+    def release_shared_lock(self, name: str, holder: str) -> None: ...
     def lock_holder(self, name: str) -> LockHolder | None: ...
 
     def add_dead_letter(self, entry: Mapping[str, Any]) -> None: ...
@@ -268,6 +287,107 @@ def _parse_snapshot(text: str | bytes, key: AppKey) -> Snapshot | None:
         return None
 
 
+@dataclass(frozen=True)
+class BacklogSlot:
+    """Where one deployment waits for one connection: the cluster of its Application (the run that owns that
+    Application retries it), the connection, the deployment id, and the marker that says it waits (read with the
+    other delivery markers, so a run never sends it any other way)."""
+
+    cluster: str
+    connection: int
+    deployment_id: str
+    marker: str
+
+    @property
+    def field(self) -> str:
+        return f"{self.connection}:{self.deployment_id}"
+
+
+@dataclass(frozen=True)
+class BacklogItem:
+    """A deployment kept with its payload until its connection accepts it: the connection refused its key, id
+    or URL (an operator's fix, which may take days while the entry leaves the Application's history), or this
+    deployment claimed a change its component's other Applications then do not send."""
+
+    slot: BacklogSlot
+    app: AppKey
+    payload: Mapping[str, Any]
+    delivered_markers: tuple[str, ...]
+    """Written, with the item removed, once DevLake accepts it (its sent marker, the change it claimed)."""
+    since: datetime
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": VALUE_VERSION,
+                "connection": self.slot.connection,
+                "deployment_id": self.slot.deployment_id,
+                "marker": self.slot.marker,
+                "app": str(self.app),
+                "payload": dict(self.payload),
+                "delivered_markers": list(self.delivered_markers),
+                "since": _format_instant(self.since),
+                "reason": self.reason,
+            },
+            separators=(",", ":"),
+            default=_json_default,
+        )
+
+    @classmethod
+    def from_json(cls, cluster: str, text: str | bytes) -> BacklogItem | None:
+        """``None`` (with a warning) for a value this version cannot read: it stays in the store untouched."""
+        try:
+            data = json.loads(text)
+            if data.get("version") != VALUE_VERSION:
+                raise ValueError(f"unsupported version {data.get('version')!r}")
+            slot = BacklogSlot(cluster, int(data["connection"]), str(data["deployment_id"]), str(data["marker"]))
+            return cls(
+                slot=slot,
+                app=AppKey.parse(str(data["app"])),
+                payload=dict(data["payload"]),
+                delivered_markers=tuple(str(marker) for marker in data["delivered_markers"]),
+                since=parse_time(str(data["since"])),
+                reason=str(data.get("reason", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("unreadable backlog item ignored", extra={"cluster": cluster, "reason": str(error)})
+            return None
+
+
+@dataclass(frozen=True)
+class ChangeClaim:
+    """A deployment claiming the right to send a change to a connection (``key``: the change, per connection).
+
+    The first claimer holds it for good; the claim and its backlog item (the payload) are written in one atomic
+    step, so the change reaches DevLake even if its holder's Application is deleted or its run dies."""
+
+    key: str
+    item: BacklogItem
+
+    @property
+    def holder(self) -> str:
+        return self.item.slot.deployment_id
+
+
+def _backlog_order(items: Sequence[BacklogItem]) -> list[BacklogItem]:
+    return sorted(items, key=lambda item: (item.since, item.slot.connection, item.slot.deployment_id))
+
+
+def _claim_value(holder: str) -> str:
+    return json.dumps(
+        {"version": VALUE_VERSION, "holder": holder, "at": _format_instant(datetime.now(UTC))}, separators=(",", ":")
+    )
+
+
+def _claim_holder(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    return str(data["holder"]) if isinstance(data, dict) and "holder" in data else text
+
+
 def _check_ttl(ttl_seconds: int) -> None:
     if ttl_seconds < 1:
         raise ValueError("a lock ttl must be at least one second")
@@ -276,28 +396,143 @@ def _check_ttl(ttl_seconds: int) -> None:
 # -- Redis ---------------------------------------------------------------------------------------
 
 _RENEW_SCRIPT = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+if redis.call('type', KEYS[1])['ok'] == 'string' and redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
 """
 
-_SHARED_SCRIPT = """
-local held = redis.call('get', KEYS[1])
-if held == false or held == ARGV[1] then
-    if held == false or redis.call('pttl', KEYS[1]) < tonumber(ARGV[2]) then
-        redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
-    end
-    return 1
+_RELEASE_SCRIPT = """
+if redis.call('type', KEYS[1])['ok'] == 'string' and redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
 end
 return 0
 """
 
-_RELEASE_SCRIPT = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    return redis.call('del', KEYS[1])
+_MEMBERS = """
+local function now_ms()
+    local t = redis.call('time')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-return 0
+local function live_members(key, now)
+    local fields = redis.call('hgetall', key)
+    local live, latest = 0, 0
+    for i = 1, #fields, 2 do
+        local name = fields[i]
+        if string.sub(name, 1, 7) == 'holder:' then
+            local expires = tonumber(fields[i + 1])
+            if expires <= now then
+                redis.call('hdel', key, name)
+            else
+                live = live + 1
+                if expires > latest then latest = expires end
+            end
+        end
+    end
+    return live, latest
+end
+"""
+
+_SHARED_ACQUIRE_SCRIPT = (
+    _MEMBERS
+    + """
+local kind = redis.call('type', KEYS[1])['ok']
+if kind ~= 'none' and kind ~= 'hash' then
+    return 0
+end
+local now = now_ms()
+if kind == 'hash' then
+    local live = live_members(KEYS[1], now)
+    if live > 0 and redis.call('hget', KEYS[1], 'group') ~= ARGV[1] then
+        return 0
+    end
+end
+redis.call('hset', KEYS[1], 'group', ARGV[1], 'holder:' .. ARGV[2], now + tonumber(ARGV[3]))
+local _, latest = live_members(KEYS[1], now)
+redis.call('pexpireat', KEYS[1], latest)
+return 1
+"""
+)
+
+_SHARED_RENEW_SCRIPT = (
+    _MEMBERS
+    + """
+if redis.call('type', KEYS[1])['ok'] ~= 'hash' then
+    return 0
+end
+local now = now_ms()
+local expires = redis.call('hget', KEYS[1], 'holder:' .. ARGV[1])
+if not expires or tonumber(expires) <= now then
+    return 0
+end
+redis.call('hset', KEYS[1], 'holder:' .. ARGV[1], now + tonumber(ARGV[2]))
+local _, latest = live_members(KEYS[1], now)
+redis.call('pexpireat', KEYS[1], latest)
+return 1
+"""
+)
+
+_SHARED_RELEASE_SCRIPT = (
+    _MEMBERS
+    + """
+if redis.call('type', KEYS[1])['ok'] ~= 'hash' then
+    return 0
+end
+local removed = redis.call('hdel', KEYS[1], 'holder:' .. ARGV[1])
+local live, latest = live_members(KEYS[1], now_ms())
+if live == 0 then
+    redis.call('del', KEYS[1])
+else
+    redis.call('pexpireat', KEYS[1], latest)
+end
+return removed
+"""
+)
+
+_LOCK_HOLDER_SCRIPT = (
+    _MEMBERS
+    + """
+local kind = redis.call('type', KEYS[1])['ok']
+if kind == 'string' then
+    return {'string', redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}
+end
+if kind ~= 'hash' then
+    return {}
+end
+local now = now_ms()
+local reply = {'hash', redis.call('hget', KEYS[1], 'group') or '', 0}
+local fields = redis.call('hgetall', KEYS[1])
+local latest = 0
+for i = 1, #fields, 2 do
+    local name, expires = fields[i], tonumber(fields[i + 1])
+    if string.sub(name, 1, 7) == 'holder:' and expires and expires > now then
+        table.insert(reply, string.sub(name, 8))
+        if expires > latest then latest = expires end
+    end
+end
+if latest == 0 then
+    return {}
+end
+reply[3] = latest - now
+return reply
+"""
+)
+
+_CLAIM_SCRIPT = """
+local held = redis.call('get', KEYS[1])
+if not held then
+    redis.call('set', KEYS[1], ARGV[1])
+    held = ARGV[1]
+end
+local ok, decoded = pcall(cjson.decode, held)
+local holder = held
+if ok and type(decoded) == 'table' and decoded['holder'] then
+    holder = decoded['holder']
+end
+if holder == ARGV[2] and redis.call('hsetnx', KEYS[2], ARGV[3], ARGV[4]) == 1 then
+    redis.call('set', KEYS[3], ARGV[5])
+end
+return holder
 """
 
 
@@ -417,7 +652,11 @@ class RedisStore:
             raise StoreUnavailable(f"invalid Redis URL {self._safe_url}: {self._scrub(str(error))}") from None
         self._renew = self.client.register_script(_RENEW_SCRIPT)
         self._release = self.client.register_script(_RELEASE_SCRIPT)
-        self._shared = self.client.register_script(_SHARED_SCRIPT)
+        self._shared_acquire = self.client.register_script(_SHARED_ACQUIRE_SCRIPT)
+        self._shared_renew = self.client.register_script(_SHARED_RENEW_SCRIPT)
+        self._shared_release = self.client.register_script(_SHARED_RELEASE_SCRIPT)
+        self._claim = self.client.register_script(_CLAIM_SCRIPT)
+        self._lock_holder = self.client.register_script(_LOCK_HOLDER_SCRIPT)
         self._add_dead_letter = self.client.register_script(_ADD_DEAD_LETTER_SCRIPT)
 
     def __repr__(self) -> str:
@@ -540,21 +779,90 @@ class RedisStore:
 
     # delivery
 
-    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
-        """The snapshot, the markers and, for each ``sent`` marker, the removal of that deployment's dead letter
-        for that connection: one transaction."""
+    def _backlog_key(self, cluster: str) -> str:
+        return self._key("backlog", cluster)
+
+    def record_delivery(
+        self,
+        key: AppKey,
+        snapshot: Snapshot,
+        markers: Sequence[str],
+        *,
+        backlog: Sequence[BacklogItem] = (),
+        delivered: Sequence[BacklogSlot] = (),
+    ) -> None:
+        """The snapshot, the markers, the backlog items added and removed and, for each ``sent`` marker, the
+        removal of that deployment's dead letter for that connection: one transaction."""
         value = _marker_value()
-        delivered = _delivered_targets(markers)
         with self._guard("record delivery"), self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self._snap_key(key.cluster), key.qualified_name, snapshot.to_json())
             for marker in markers:
                 pipe.set(self._mark_key(marker), value)
-            if delivered:
-                # EVAL, not the registered script's EVALSHA: a pipeline with scripts first asks SCRIPT EXISTS (one
-                # more round trip per delivery), and a NOSCRIPT inside MULTI would not abort the transaction.
-                keys = self._dead_letter_keys()
-                pipe.eval(_CLEAR_DEAD_LETTERS_SCRIPT, len(keys), *keys, *delivered)
+            self._clear_dead_letters(pipe, markers)
+            for slot in delivered:
+                pipe.hdel(self._backlog_key(slot.cluster), slot.field)
+                pipe.delete(self._mark_key(slot.marker))
+            for item in backlog:
+                pipe.hsetnx(self._backlog_key(item.slot.cluster), item.slot.field, item.to_json())
+                pipe.set(self._mark_key(item.slot.marker), value)
             pipe.execute()
+
+    def _clear_dead_letters(self, pipe: Pipeline, markers: Sequence[str]) -> None:
+        """Queue, in the caller's transaction, the removal of the dead letters that ``sent`` markers deliver."""
+        cleared = _delivered_targets(markers)
+        if cleared:
+            # EVAL, not the registered script's EVALSHA: a pipeline with scripts first asks SCRIPT EXISTS (one
+            # more round trip per delivery), and a NOSCRIPT inside MULTI would not abort the transaction.
+            keys = self._dead_letter_keys()
+            pipe.eval(_CLEAR_DEAD_LETTERS_SCRIPT, len(keys), *keys, *cleared)
+
+    def backlog(self, cluster: str | None = None) -> list[BacklogItem]:
+        with self._guard("read backlog"):
+            if cluster is not None:
+                clusters = {cluster: self._backlog_key(cluster)}
+            else:
+                start = len(self._key("backlog", ""))
+                clusters = {
+                    str(name)[start:]: str(name) for name in self.client.scan_iter(match=self._key("backlog", "*"))
+                }
+            with self.client.pipeline(transaction=False) as pipe:
+                for hash_key in clusters.values():
+                    pipe.hvals(hash_key)
+                replies: list[list[str]] = pipe.execute()
+        items = [
+            item
+            for name, values in zip(clusters, replies, strict=True)
+            for value in values
+            if (item := BacklogItem.from_json(name, value)) is not None
+        ]
+        return _backlog_order(items)
+
+    def settle_backlog(self, slot: BacklogSlot, markers: Sequence[str]) -> None:
+        """The item removed, its markers written and the dead letters its ``sent`` markers deliver removed: one
+        transaction."""
+        value = _marker_value()
+        with self._guard("settle backlog"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._backlog_key(slot.cluster), slot.field)
+            pipe.delete(self._mark_key(slot.marker))
+            for marker in markers:
+                pipe.set(self._mark_key(marker), value)
+            self._clear_dead_letters(pipe, markers)
+            pipe.execute()
+
+    def claim_changes(self, claims: Sequence[ChangeClaim]) -> dict[str, str]:
+        if not claims:
+            return {}
+        value = _marker_value()
+        with self._guard("claim changes"), self.client.pipeline(transaction=False) as pipe:
+            for claim in claims:
+                slot = claim.item.slot
+                self._claim(
+                    keys=[self._key("claim", claim.key), self._backlog_key(slot.cluster), self._mark_key(slot.marker)],
+                    args=[_claim_value(claim.holder), claim.holder, slot.field, claim.item.to_json(), value],
+                    client=pipe,
+                )
+            holders: list[str] = pipe.execute()
+        return {claim.key: str(holder) for claim, holder in zip(claims, holders, strict=True)}
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(markers))
@@ -608,11 +916,21 @@ class RedisStore:
         with self._guard("acquire lock"):
             return bool(self.client.set(self._lock_key(name), self._lock_value(owner), nx=True, ex=ttl_seconds))
 
-    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
+    def acquire_shared_lock(self, name: str, group: str, holder: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
         with self._guard("acquire lock"):
-            taken = self._shared(keys=[self._lock_key(name)], args=[self._lock_value(group), ttl_seconds * 1000])
+            taken = self._shared_acquire(keys=[self._lock_key(name)], args=[group, holder, ttl_seconds * 1000])
         return bool(taken)
+
+    def renew_shared_lock(self, name: str, holder: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        with self._guard("renew lock"):
+            renewed = self._shared_renew(keys=[self._lock_key(name)], args=[holder, ttl_seconds * 1000])
+        return bool(renewed)
+
+    def release_shared_lock(self, name: str, holder: str) -> None:
+        with self._guard("release lock"):
+            self._shared_release(keys=[self._lock_key(name)], args=[holder])
 
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
@@ -625,17 +943,22 @@ class RedisStore:
             self._release(keys=[self._lock_key(name)], args=[self._lock_value(owner)])
 
     def lock_holder(self, name: str) -> LockHolder | None:
-        with self._guard("read lock"), self.client.pipeline(transaction=True) as pipe:
-            pipe.get(self._lock_key(name))
-            pipe.pttl(self._lock_key(name))
-            value, pttl = pipe.execute()
-        if value is None:
+        """An exclusive lock's owner, or a shared lock's group and live holders (read in one script, so a holder
+        expiring meanwhile is never half counted)."""
+        with self._guard("read lock"):
+            reply = self._lock_holder(keys=[self._lock_key(name)])
+        if not reply:
             return None
+        kind, value, pttl, *holders = reply
+        expires = datetime.now(UTC) + timedelta(milliseconds=pttl) if isinstance(pttl, int) and pttl >= 0 else None
+        if kind == "hash":
+            return LockHolder(
+                str(value) or "an unknown group", expires, tuple(sorted(str(holder) for holder in holders))
+            )
         try:
             owner = str(json.loads(value)["owner"])
         except (ValueError, KeyError, TypeError):
             owner = "an unreadable owner"
-        expires = datetime.now(UTC) + timedelta(milliseconds=pttl) if isinstance(pttl, int) and pttl >= 0 else None
         return LockHolder(owner, expires)
 
     # dead letters and run summaries
@@ -695,6 +1018,18 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS locks (
     prefix TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (prefix, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lock_members (
+    prefix TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL, grp TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (prefix, name, holder)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backlog (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, cluster TEXT NOT NULL, field TEXT NOT NULL,
+    json TEXT NOT NULL, UNIQUE (prefix, cluster, field)
+);
+CREATE TABLE IF NOT EXISTS claims (
+    prefix TEXT NOT NULL, claim TEXT NOT NULL, json TEXT NOT NULL,
+    PRIMARY KEY (prefix, claim)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, prefix TEXT NOT NULL, json TEXT NOT NULL, target TEXT
@@ -841,9 +1176,17 @@ class SQLiteStore:
 
     # delivery
 
-    def record_delivery(self, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
-        """The snapshot, the markers and, for each ``sent`` marker, the removal of that deployment's dead letter
-        for that connection: one transaction."""
+    def record_delivery(
+        self,
+        key: AppKey,
+        snapshot: Snapshot,
+        markers: Sequence[str],
+        *,
+        backlog: Sequence[BacklogItem] = (),
+        delivered: Sequence[BacklogSlot] = (),
+    ) -> None:
+        """The snapshot, the markers, the backlog items added and removed and, for each ``sent`` marker, the
+        removal of that deployment's dead letter for that connection: one transaction."""
         created = _format_instant(datetime.now(UTC))
         with self._write() as conn:
             conn.execute(
@@ -854,10 +1197,78 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO markers VALUES (?, ?, ?)",
                 [(self.key_prefix, marker, created) for marker in markers],
             )
+            self._clear_dead_letters(conn, markers)
+            for slot in delivered:
+                self._unqueue(conn, slot)
+            for item in backlog:
+                self._queue(conn, item, created)
+
+    def _queue(self, conn: sqlite3.Connection, item: BacklogItem, created: str) -> None:
+        """Add the item unless its slot already waits (the first payload stays: a later one, rebuilt by a
+        backfill, could only re-derive an older entry's verdict as SUCCESS)."""
+        slot = item.slot
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO backlog (prefix, cluster, field, json) VALUES (?, ?, ?, ?)",
+            (self.key_prefix, slot.cluster, slot.field, item.to_json()),
+        )
+        if cursor.rowcount == 1:
+            conn.execute("INSERT OR REPLACE INTO markers VALUES (?, ?, ?)", (self.key_prefix, slot.marker, created))
+
+    def _unqueue(self, conn: sqlite3.Connection, slot: BacklogSlot) -> None:
+        conn.execute(
+            "DELETE FROM backlog WHERE prefix = ? AND cluster = ? AND field = ?",
+            (self.key_prefix, slot.cluster, slot.field),
+        )
+        conn.execute("DELETE FROM markers WHERE prefix = ? AND marker = ?", (self.key_prefix, slot.marker))
+
+    def backlog(self, cluster: str | None = None) -> list[BacklogItem]:
+        query = "SELECT cluster, json FROM backlog WHERE prefix = ?"
+        params: list[str] = [self.key_prefix]
+        if cluster is not None:
+            query += " AND cluster = ?"
+            params.append(cluster)
+        with self._read() as conn:
+            rows = conn.execute(query + " ORDER BY id", params).fetchall()
+        return _backlog_order([item for name, text in rows if (item := BacklogItem.from_json(name, text)) is not None])
+
+    def _clear_dead_letters(self, conn: sqlite3.Connection, markers: Sequence[str]) -> None:
+        """Remove, in the caller's transaction, the dead letters that ``sent`` markers deliver."""
+        conn.executemany(
+            "DELETE FROM dead_letters WHERE prefix = ? AND target = ?",
+            [(self.key_prefix, target) for target in _delivered_targets(markers)],
+        )
+
+    def settle_backlog(self, slot: BacklogSlot, markers: Sequence[str]) -> None:
+        """The item removed, its markers written and the dead letters its ``sent`` markers deliver removed: one
+        transaction."""
+        created = _format_instant(datetime.now(UTC))
+        with self._write() as conn:
+            self._unqueue(conn, slot)
             conn.executemany(
-                "DELETE FROM dead_letters WHERE prefix = ? AND target = ?",
-                [(self.key_prefix, target) for target in _delivered_targets(markers)],
+                "INSERT OR REPLACE INTO markers VALUES (?, ?, ?)",
+                [(self.key_prefix, marker, created) for marker in markers],
             )
+            self._clear_dead_letters(conn, markers)
+
+    def claim_changes(self, claims: Sequence[ChangeClaim]) -> dict[str, str]:
+        holders: dict[str, str] = {}
+        if not claims:
+            return holders
+        created = _format_instant(datetime.now(UTC))
+        with self._write() as conn:
+            for claim in claims:
+                conn.execute(
+                    "INSERT OR IGNORE INTO claims VALUES (?, ?, ?)",
+                    (self.key_prefix, claim.key, _claim_value(claim.holder)),
+                )
+                (text,) = conn.execute(
+                    "SELECT json FROM claims WHERE prefix = ? AND claim = ?", (self.key_prefix, claim.key)
+                ).fetchone()
+                holder = _claim_holder(text)
+                holders[claim.key] = holder
+                if holder == claim.holder:
+                    self._queue(conn, claim.item, created)
+        return holders
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(markers))
@@ -921,6 +1332,12 @@ class SQLiteStore:
         _check_ttl(ttl_seconds)
         now = time.time()
         with self._write() as conn:
+            shared = conn.execute(
+                "SELECT 1 FROM lock_members WHERE prefix = ? AND name = ? AND expires_at > ? LIMIT 1",
+                (self.key_prefix, name, now),
+            ).fetchone()
+            if shared is not None:
+                return False
             cursor = conn.execute(
                 "INSERT INTO locks VALUES (?, ?, ?, ?) ON CONFLICT (prefix, name) DO UPDATE"
                 " SET owner = excluded.owner, expires_at = excluded.expires_at WHERE locks.expires_at <= ?",
@@ -928,17 +1345,45 @@ class SQLiteStore:
             )
             return cursor.rowcount == 1
 
-    def acquire_shared_lock(self, name: str, group: str, ttl_seconds: int) -> bool:
+    def acquire_shared_lock(self, name: str, group: str, holder: str, ttl_seconds: int) -> bool:
+        _check_ttl(ttl_seconds)
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM lock_members WHERE prefix = ? AND name = ? AND expires_at <= ?",
+                (self.key_prefix, name, now),
+            )
+            exclusive = conn.execute(
+                "SELECT 1 FROM locks WHERE prefix = ? AND name = ? AND expires_at > ?", (self.key_prefix, name, now)
+            ).fetchone()
+            other = conn.execute(
+                "SELECT 1 FROM lock_members WHERE prefix = ? AND name = ? AND grp != ? LIMIT 1",
+                (self.key_prefix, name, group),
+            ).fetchone()
+            if exclusive is not None or other is not None:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO lock_members VALUES (?, ?, ?, ?, ?)",
+                (self.key_prefix, name, holder, group, now + ttl_seconds),
+            )
+            return True
+
+    def renew_shared_lock(self, name: str, holder: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
         now = time.time()
         with self._write() as conn:
             cursor = conn.execute(
-                "INSERT INTO locks VALUES (?, ?, ?, ?) ON CONFLICT (prefix, name) DO UPDATE"
-                " SET owner = excluded.owner, expires_at = max(locks.expires_at, excluded.expires_at)"
-                " WHERE locks.expires_at <= ? OR locks.owner = excluded.owner",
-                (self.key_prefix, name, group, now + ttl_seconds, now),
+                "UPDATE lock_members SET expires_at = ?"
+                " WHERE prefix = ? AND name = ? AND holder = ? AND expires_at > ?",
+                (now + ttl_seconds, self.key_prefix, name, holder, now),
             )
             return cursor.rowcount == 1
+
+    def release_shared_lock(self, name: str, holder: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM lock_members WHERE prefix = ? AND name = ? AND holder = ?", (self.key_prefix, name, holder)
+            )
 
     def renew_lock(self, name: str, owner: str, ttl_seconds: int) -> bool:
         _check_ttl(ttl_seconds)
@@ -957,14 +1402,25 @@ class SQLiteStore:
             )
 
     def lock_holder(self, name: str) -> LockHolder | None:
+        """An exclusive lock's owner, or a shared lock's group and live holders."""
+        now = time.time()
         with self._read() as conn:
             row = conn.execute(
                 "SELECT owner, expires_at FROM locks WHERE prefix = ? AND name = ? AND expires_at > ?",
-                (self.key_prefix, name, time.time()),
+                (self.key_prefix, name, now),
             ).fetchone()
-        if row is None:
+            members = conn.execute(
+                "SELECT grp, holder, expires_at FROM lock_members WHERE prefix = ? AND name = ? AND expires_at > ?"
+                " ORDER BY holder",
+                (self.key_prefix, name, now),
+            ).fetchall()
+        if row is not None:
+            return LockHolder(str(row[0]), datetime.fromtimestamp(float(row[1]), UTC))
+        if not members:
             return None
-        return LockHolder(str(row[0]), datetime.fromtimestamp(float(row[1]), UTC))
+        latest = max(float(expires) for _, _, expires in members)
+        holders = tuple(str(holder) for _, holder, _ in members)
+        return LockHolder(str(members[0][0]), datetime.fromtimestamp(latest, UTC), holders)
 
     # dead letters and run summaries
 
@@ -1041,11 +1497,11 @@ class RunLock:
 
     Raises :class:`LockHeld` on entry if another owner holds it. If a renewal finds the lock gone or
     taken, :attr:`lost` becomes true and renewing stops: the run should wind down. On exit the lock is
-    released (the store only deletes it if this owner still holds it).
+    released — only this owner's hold: renewals and the release name the owner, and the store checks it
+    atomically, so a run never releases or extends a lock it does not hold.
 
-    ``shared``: ``owner`` names a group; holders of the same group share the lock, another group is kept
-    out. ``keep``: not released on exit (other holders of the group may still run); it expires after its
-    last renewal.
+    ``group``: a shared lock. Holders of the same group share it, each under its own ``owner`` token; another
+    group is kept out until the last holder has released it or let it expire.
     """
 
     def __init__(
@@ -1056,8 +1512,7 @@ class RunLock:
         ttl_seconds: int = 60,
         renew_every: float = 20,
         *,
-        shared: bool = False,
-        keep: bool = False,
+        group: str | None = None,
     ) -> None:
         _check_ttl(ttl_seconds)
         if not 0 < renew_every < ttl_seconds:
@@ -1067,8 +1522,7 @@ class RunLock:
         self.owner = owner or default_owner()
         self.ttl_seconds = ttl_seconds
         self.renew_every = renew_every
-        self.shared = shared
-        self.keep = keep
+        self.group = group
         self.renewed = threading.Event()
         """Set after every successful renewal (tests and callers may clear and wait on it)."""
         self._lost = threading.Event()
@@ -1084,8 +1538,11 @@ class RunLock:
         return self._lost.wait(timeout)
 
     def __enter__(self) -> RunLock:
-        acquire = self.store.acquire_shared_lock if self.shared else self.store.acquire_lock
-        if not acquire(self.name, self.owner, self.ttl_seconds):
+        if self.group is not None:
+            taken = self.store.acquire_shared_lock(self.name, self.group, self.owner, self.ttl_seconds)
+        else:
+            taken = self.store.acquire_lock(self.name, self.owner, self.ttl_seconds)
+        if not taken:
             raise LockHeld(self.name)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lock-renew-{self.name}", daemon=True)
@@ -1099,17 +1556,21 @@ class RunLock:
         if self._thread is not None:
             self._thread.join(timeout=SOCKET_TIMEOUT_SECONDS * 2)
             self._thread = None
-        if self.keep:
-            return
         try:
-            self.store.release_lock(self.name, self.owner)
+            if self.group is not None:
+                self.store.release_shared_lock(self.name, self.owner)
+            else:
+                self.store.release_lock(self.name, self.owner)
         except StoreUnavailable as error:
             log.warning("could not release the run lock; it will expire", extra={"reason": error.reason})
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_every):
             try:
-                still_ours = self.store.renew_lock(self.name, self.owner, self.ttl_seconds)
+                if self.group is not None:
+                    still_ours = self.store.renew_shared_lock(self.name, self.owner, self.ttl_seconds)
+                else:
+                    still_ours = self.store.renew_lock(self.name, self.owner, self.ttl_seconds)
             except StoreUnavailable as error:
                 log.warning("could not renew the run lock; will retry", extra={"reason": error.reason})
                 continue

@@ -226,10 +226,14 @@ def test_the_lock_held_message_says_which_run_holds_it_where_and_until_when(
         assert "(in 60 s, unless renewed while it runs)" in line["reason"] or "(in 59 s" in line["reason"]
         store.release_lock("run:prod-east", "3f2a9c1b7d4e@dora-reconciler-29170560-x7k2p")
 
-        assert store.acquire_shared_lock("layout:prod-east", "layout-3", 60)
+        assert store.acquire_shared_lock("layout:prod-east", "layout-3", "a1b2c3d4e5f6@dora-reconciler-shard-0", 60)
+        assert store.acquire_shared_lock("layout:prod-east", "layout-3", "0f9e8d7c6b5a@dora-reconciler-shard-2", 60)
         assert world.run() == exitcodes.LOCKED
         (line,) = [line for line in log_lines(capsys.readouterr().err) if line["message"].startswith("another run")]
         assert "is held by the shards of a 3-shard layout (--shard I/3) until " in line["reason"]
+        assert line["reason"].endswith(
+            "; held now by run 0f9e8d7c6b5a on dora-reconciler-shard-2, run a1b2c3d4e5f6 on dora-reconciler-shard-0"
+        )
     finally:
         store.close()
 

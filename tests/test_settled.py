@@ -200,7 +200,7 @@ def test_runs_of_another_shard_layout_are_kept_out_while_one_runs(
         world.set_apps([base()])
         store = open_store(load_config(world.config_path).state)
         try:
-            assert store.acquire_shared_lock("layout:prod-east", "layout-2", 60), "a 2-shard run is working"
+            assert store.acquire_shared_lock("layout:prod-east", "layout-2", "shard-0", 60), "a 2-shard run is working"
             assert world.run() == 3, "an unsharded run would work the same Applications"
             assert world.run("--shard", "1/2") == 0, "another shard of the same layout goes ahead"
             assert world.run("--shard", "0/3") == 3

@@ -22,6 +22,8 @@ from reconciler.model import AppKey, DecidedVerdict, EntryRecord, PendingVerdict
 from reconciler.store import (
     DEAD_LETTER_CAP,
     RUN_SUMMARY_CAP,
+    BacklogItem,
+    BacklogSlot,
     LockHeld,
     RedisStore,
     RunLock,
@@ -503,6 +505,31 @@ def test_a_delivery_takes_its_dead_letter_off_the_list_for_that_connection_only(
     assert store.dead_letters() == [{"reason": "an entry of unknown target"}]
 
 
+def test_a_backlog_delivery_takes_its_dead_letter_off_the_list_in_the_same_transaction(store: Store) -> None:
+    """A deployment waiting in a connection's backlog that DevLake refused before (a dead letter) and accepts now
+    leaves the dead-letter list with the item: settle_backlog, or record_delivery delivering the slot."""
+    h1, h2 = "argocd:prod:argocd:api:9f1c2d3e:h1", "argocd:prod:argocd:api:9f1c2d3e:h2"
+    store.add_dead_letter(letter(1, h1))
+    store.add_dead_letter(letter(1, h2))
+    store.add_dead_letter(letter(2, h1))
+    items = [
+        BacklogItem(BacklogSlot("prod", 1, h, f"queued:1:{h}"), app("api"), {"id": h}, (f"sent:1:{h}",), T0, "HTTP 401")
+        for h in (h1, h2)
+    ]
+    store.record_delivery(app("api"), snapshot(), [], backlog=items)
+    assert [item.slot.deployment_id for item in store.backlog("prod")] == [h1, h2]
+
+    store.settle_backlog(items[0].slot, items[0].delivered_markers)
+    assert store.dead_letters() == [letter(2, h1), letter(1, h2)], "connection 2's refusal stays"
+    store.record_delivery(app("api"), snapshot(), list(items[1].delivered_markers), delivered=[items[1].slot])
+    assert store.dead_letters() == [letter(2, h1)]
+    assert store.backlog("prod") == []
+    assert store.existing_markers([f"queued:1:{h1}", f"queued:1:{h2}", f"sent:1:{h1}", f"sent:1:{h2}"]) == {
+        f"sent:1:{h1}",
+        f"sent:1:{h2}",
+    }
+
+
 def test_a_dead_letter_refused_again_replaces_the_older_one(store: Store) -> None:
     store.add_dead_letter(letter(1, "h1", "first refusal"))
     store.add_dead_letter(letter(1, "h2"))
@@ -719,25 +746,55 @@ def test_sqlite_path_that_cannot_be_opened_is_store_unavailable(tmp_path: Path) 
 
 
 def test_a_shared_lock_admits_its_group_and_keeps_another_out(store: Store) -> None:
-    assert store.acquire_shared_lock("layout", "layout-3", 60)
-    assert store.acquire_shared_lock("layout", "layout-3", 60), "another shard of the same layout"
-    assert not store.acquire_shared_lock("layout", "layout-1", 60), "a run of another layout"
+    assert store.acquire_shared_lock("layout", "layout-3", "shard-0", 60)
+    assert store.acquire_shared_lock("layout", "layout-3", "shard-1", 60), "another shard of the same layout"
+    assert not store.acquire_shared_lock("layout", "layout-1", "manual", 60), "a run of another layout"
     assert not store.acquire_lock("layout", "someone", 60)
-    assert store.renew_lock("layout", "layout-3", 60)
+    assert store.renew_shared_lock("layout", "shard-0", 60)
+    assert not store.renew_shared_lock("layout", "manual", 60), "only a holder renews its own hold"
 
 
-def test_a_shared_run_lock_is_left_to_expire_for_the_holders_still_running(store: Store) -> None:
-    with RunLock(store, "layout", owner="layout-3", shared=True, keep=True):
-        with RunLock(store, "layout", owner="layout-3", shared=True, keep=True):
+def test_a_holder_leaving_a_shared_lock_releases_only_its_own_hold(store: Store) -> None:
+    """Shards of one layout each hold the layout lock under their own token: the first to finish leaves the others
+    holding it, and another layout gets in only once the last holder has left."""
+    with RunLock(store, "layout", owner="shard-0", group="layout-3"):
+        with RunLock(store, "layout", owner="shard-1", group="layout-3"):
             pass
         with pytest.raises(LockHeld):
-            RunLock(store, "layout", owner="layout-1", shared=True).__enter__()
-    assert not store.acquire_shared_lock("layout", "layout-1", 60), "not released: it expires"
-    assert store.acquire_shared_lock("layout", "layout-3", 60)
+            RunLock(store, "layout", owner="manual", group="layout-1").__enter__()
+        assert not store.acquire_shared_lock("layout", "layout-1", "manual", 60), "shard-0 still holds it"
+        store.release_shared_lock("layout", "stranger")
+        assert not store.acquire_shared_lock("layout", "layout-1", "manual", 60), "only a holder releases its hold"
+        assert store.renew_shared_lock("layout", "shard-0", 60)
+        assert not store.renew_shared_lock("layout", "shard-1", 60), "shard-1 left"
+    assert store.acquire_shared_lock("layout", "layout-1", "manual", 60), "the last holder left"
+
+
+def test_lock_holder_names_an_exclusive_owner_or_a_shared_locks_group_and_live_holders(store: Store) -> None:
+    """The "lock held" message reads who holds a lock: a run lock's RUN_ID@HOST, or the layout lock's group with
+    the token of each run holding it now; a holder that left is no longer named, and a lock nobody holds is None."""
+    before = datetime.now(UTC)
+    assert store.acquire_lock("run", "3f2a9c1b7d4e@pod-a", 60)
+    run = store.lock_holder("run")
+    assert run is not None and run.owner == "3f2a9c1b7d4e@pod-a" and run.holders == ()
+    assert run.expires_at is not None and before + timedelta(seconds=58) <= run.expires_at
+
+    assert store.lock_holder("layout") is None
+    assert store.acquire_shared_lock("layout", "layout-3", "b@pod-b", 60)
+    assert store.acquire_shared_lock("layout", "layout-3", "a@pod-a", 60)
+    layout = store.lock_holder("layout")
+    assert layout is not None and layout.owner == "layout-3" and layout.holders == ("a@pod-a", "b@pod-b")
+    assert layout.expires_at is not None and before + timedelta(seconds=58) <= layout.expires_at
+    store.release_shared_lock("layout", "a@pod-a")
+    layout = store.lock_holder("layout")
+    assert layout is not None and layout.holders == ("b@pod-b",)
+    store.release_shared_lock("layout", "b@pod-b")
+    assert store.lock_holder("layout") is None
 
 
 def test_an_expired_shared_lock_lets_another_layout_in(store: Store) -> None:
     with freeze_time(T0, ignore=["redis"]) as frozen:
-        assert store.acquire_shared_lock("layout", "layout-3", 60)
+        assert store.acquire_shared_lock("layout", "layout-3", "shard-0", 60)
         _let_lock_expire(store, "layout", lambda: frozen.tick(timedelta(seconds=61)))
-        assert store.acquire_shared_lock("layout", "layout-1", 60)
+        assert not store.renew_shared_lock("layout", "shard-0", 60), "expired"
+        assert store.acquire_shared_lock("layout", "layout-1", "manual", 60)
