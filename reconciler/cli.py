@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("application", metavar="NAMESPACE/NAME")
     explain.add_argument("--cluster", action="append", default=[], metavar="NAME", help="only look in this cluster")
     explain.add_argument("--applications-file", metavar="FILE", help=applications_file_help)
-    status = sub.add_parser("status", parents=[common], help="the last runs and the dead-letter list")
+    status = sub.add_parser(
+        "status", parents=[common], help="the last runs, the dead-letter list and each connection's backlog"
+    )
     status.add_argument("--json", action="store_true", help="one JSON document instead of text")
     return parser
 

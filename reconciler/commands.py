@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from reconciler import exitcodes
 from reconciler.application import MalformedApplication, parse_application
@@ -40,6 +40,7 @@ from reconciler.reconcile import iter_observations, planner_policy
 from reconciler.run import InvalidRequest, RunOptions, RunSummary, Shard, StopFlag, selected_clusters
 from reconciler.runtime import Runtime, progress_reporter, run_pass, store_unavailable_at_start
 from reconciler.store import (
+    BacklogItem,
     Store,
     StoreUnavailable,
     open_store,
@@ -533,18 +534,22 @@ STATUS_ERRORS_PER_RUN = 5
 
 
 def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
-    """The last runs (what each decided, held back and could not do) and the dead letters still undelivered: a
-    dead letter leaves the list when a later run or backfill delivers the same deployment to its connection."""
+    """The last runs (what each decided, held back and could not do), the dead letters still undelivered (a dead
+    letter leaves the list when a later run, backfill or backlog delivers the same deployment to its connection)
+    and what waits in each connection's backlog."""
     store = open_store(config.state)
     try:
         runs = store.run_summaries(STATUS_RUNS)
         letters = store.dead_letters(STATUS_DEAD_LETTERS + 1)
+        backlog = backlog_by_connection(config, store.backlog())
     finally:
         store.close()
     more = len(letters) > STATUS_DEAD_LETTERS
     letters = letters[:STATUS_DEAD_LETTERS]
     if as_json:
-        print(json.dumps({"runs": runs, "dead_letters": letters}, indent=2, default=str), file=stdout)
+        print(
+            json.dumps({"runs": runs, "dead_letters": letters, "backlog": backlog}, indent=2, default=str), file=stdout
+        )
         return exitcodes.OK
     print(f"last {len(runs)} run(s), newest first:", file=stdout)
     for run in runs:
@@ -572,4 +577,31 @@ def status_command(config: Config, *, as_json: bool, stdout: TextIO) -> int:
             f"HTTP {letter.get('status')} {letter.get('message')}",
             file=stdout,
         )
+    print(f"backlog ({sum(len(entry['deployments']) for entry in backlog)} waiting):", file=stdout)
+    for entry in backlog:
+        gone = "" if entry["configured"] else " (no longer configured: not sent)"
+        print(
+            f"  connection {entry['connection']}{gone}: {len(entry['deployments'])} waiting since {entry['since']}: "
+            f"{entry['reason']}",
+            file=stdout,
+        )
     return exitcodes.OK
+
+
+def backlog_by_connection(config: Config, items: Sequence[BacklogItem]) -> list[dict[str, Any]]:
+    """What waits in each connection's backlog: the deployments, oldest first, since when and why (the newest
+    reason: a connection refused once may have been fixed and refused again)."""
+    configured = {connection.id for connection in config.devlake.connections}
+    grouped: dict[int, list[BacklogItem]] = {}
+    for item in items:
+        grouped.setdefault(item.slot.connection, []).append(item)
+    return [
+        {
+            "connection": connection,
+            "configured": connection in configured,
+            "since": format_time(waiting[0].since),
+            "reason": waiting[-1].reason,
+            "deployments": [item.slot.deployment_id for item in waiting],
+        }
+        for connection, waiting in sorted(grouped.items())
+    ]

@@ -8,7 +8,10 @@ Application in listing order that makes a shared change sends it, so who sends n
 
 Pure: ``markers_to_read`` names the store markers the decisions depend on, the caller reads them (one batched
 read) and ``assign`` turns them into ``Claims``. The markers are the store's record of what happened to each
-deployment at each connection (sent, deduplicated, rejected for good) and of each change sent.
+deployment at each connection (sent, deduplicated, rejected for good, waiting in the connection's backlog) and of
+each change sent. Who sends a change is then settled by the store: the caller claims each change ``assign`` gave
+to one of its deployments (``intended_claims``, ``claim_key``: an atomic first-claimer-wins write) and
+``settle_claims`` turns every claim another deployment holds into a duplicate, so parallel shards never both send.
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def component_marker(connection_id: int, component: str, fingerprint: str, occur
     return base if occurrence == 1 else f"{base}:{occurrence}"
 
 
+def claim_key(component: str) -> str:
+    """The store's claim on a component change (``component_marker``): which deployment sends it. Written once,
+    atomically, by the first claimer; the component marker is written when DevLake accepted it."""
+    return "claim:" + component.removeprefix("component:")
+
+
 def change_marker(key: AppKey, uid: str, fingerprint: str, occurrence: int) -> str:
     """An Application made this change for the n-th time. Counting lets a roll-forward after a rollback (the
     same change again) go out, while a second Application making a change already sent is deduplicated."""
@@ -103,8 +112,14 @@ class Target:
         backfill tries it again once the operator has fixed the cause."""
         return f"rejected:{self.connection_id}:{self.deployment_id}"
 
+    @property
+    def queued(self) -> str:
+        """Written with the deployment's payload in the connection's backlog (the connection refused its key, id
+        or URL, or this deployment claimed a shared change): the backlog delivers it, nothing else sends it."""
+        return f"queued:{self.connection_id}:{self.deployment_id}"
+
     def handled(self, existing: Set[str]) -> bool:
-        return self.sent in existing or self.deduped in existing or self.rejected in existing
+        return any(marker in existing for marker in (self.sent, self.deduped, self.rejected, self.queued))
 
     @classmethod
     def delivered_by(cls, marker: str) -> Target | None:
@@ -177,7 +192,7 @@ def markers_to_read(apps: Sequence[AppSteps], mode: Mode) -> list[str]:
         counts = _fingerprint_counts(app)
         for step in app.steps:
             for target in step.targets:
-                markers += [target.sent, target.deduped, target.rejected]
+                markers += [target.sent, target.deduped, target.rejected, target.queued]
             if mode != "component" or step.fingerprint is None or not step.connections:
                 continue
             fingerprint = step.fingerprint
@@ -234,6 +249,34 @@ def assign(
                 duplicates[connection] = f"sent as {holder}" if holder else "already in DevLake"
         claims.decisions[step.deployment_id] = Decision(change, components, duplicates)
     return claims
+
+
+def intended_claims(claims: Claims) -> list[tuple[str, int, str]]:
+    """``(deployment id, connection, component marker)`` of every delivery ``assign`` decided to send itself:
+    what the caller claims in the store before sending."""
+    return [
+        (deployment_id, connection, marker)
+        for deployment_id, decision in claims.decisions.items()
+        for connection, marker in decision.components.items()
+        if connection not in decision.duplicates
+    ]
+
+
+def settle_claims(claims: Claims, holders: Mapping[str, str]) -> Claims:
+    """``claims`` once the store said who holds each change claimed (``claim_key`` -> deployment id): a deployment
+    whose claim another one holds (a parallel shard, an earlier run) does not send the change."""
+    settled = Claims(holders=dict(claims.holders))
+    for deployment_id, decision in claims.decisions.items():
+        duplicates = dict(decision.duplicates)
+        for connection, marker in decision.components.items():
+            holder = holders.get(claim_key(marker))
+            if holder is None or connection in duplicates:
+                continue
+            settled.holders[marker] = holder
+            if holder != deployment_id:
+                duplicates[connection] = f"sent as {holder}"
+        settled.decisions[deployment_id] = Decision(decision.change, decision.components, duplicates)
+    return settled
 
 
 def _fingerprint_counts(app: AppSteps) -> dict[str, int]:

@@ -136,6 +136,7 @@ class Reconciler:
         summary.rate_limit_remaining = self.github.rate_limit_remaining
         reset = self.github.rate_limit_reset
         summary.rate_limit_reset = format_time(reset) if reset else None
+        summary.backlog_waiting = tick.backlog.waiting
         summary.finished_at = format_time(self.clock())
         summary.seconds = round(self.monotonic() - started, 3)
         failed = summary.errors or summary.retry_later or summary.deployments_deferred
@@ -167,6 +168,7 @@ class Reconciler:
         options = tick.options
         now = self.clock()
         initialized_at = self.store.initialized_at(cluster.name)
+        self._retry_backlog(cluster.name, tick, summary)
         policy = planner_policy(self.config, initialized_at, options)
         seen: set[AppKey] = set()
         salt = decision_salt(self.config)
@@ -218,6 +220,18 @@ class Reconciler:
         if initialized_at is None:
             self.store.set_initialized_at(cluster.name, initialization_cutoff(now, argocd_now))
             log.info("cluster initialised", extra={"cluster": cluster.name, "apps": len(seen)})
+
+    def _retry_backlog(self, cluster: str, tick: Tick, summary: RunSummary) -> None:
+        """What waits in the connections' backlogs goes first; a bug there does not stop the cluster's listing."""
+        try:
+            _count(summary, self.deliverer.retry_backlog(cluster, tick))
+        except StoreUnavailable:
+            raise
+        except Exception as error:
+            log.exception("retrying the backlog failed unexpectedly", extra={"cluster": cluster})
+            summary.add_error(
+                RunError(f"internal error while retrying the backlog ({type(error).__name__})", None, cluster)
+            )
 
     def _selected(self, key: AppKey, shard: Shard | None) -> bool:
         if not self.config.applications.selects(key.qualified_name):
@@ -324,6 +338,8 @@ def _count(summary: RunSummary, result: AppResult) -> None:
     summary.would_send += result.would_send
     summary.retry_later += result.retry_later
     summary.dead_lettered += result.dead_lettered
+    summary.backlogged += result.backlogged
+    summary.backlog_sent += result.backlog_sent
     for error in result.errors:
         summary.add_error(error)
 

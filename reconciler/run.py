@@ -130,6 +130,12 @@ class RunSummary:
     """Dry run: the deliveries printed instead of sent (a dry run's summary has no ``sent``)."""
     retry_later: int = 0
     dead_lettered: int = 0
+    backlogged: int = 0
+    """Deliveries a connection refused for its configuration (key, id, URL) this run, kept in its backlog."""
+    backlog_sent: int = 0
+    """Deliveries sent from a connection's backlog this run."""
+    backlog_waiting: int = 0
+    """Deliveries still waiting in the backlogs of this run's Applications when it ended."""
     github_requests: int = 0
     rate_limit_remaining: int | None = None
     rate_limit_reset: str | None = None

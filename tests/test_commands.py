@@ -213,4 +213,4 @@ def test_status_shows_what_the_last_runs_decided_held_back_and_could_not_do(
         "    error: cluster prod-west: Applications file west.json: cannot read it: No such file or directory"
     ), "under the run that met it"
     assert " run exit 0: 2 apps, 0 success, 0 failed, 0 pending, 0 deferred, 0 sent, 0 dead-lettered" in lines[3]
-    assert lines[4:] == ["dead letters (0):"]
+    assert lines[4:] == ["dead letters (0):", "backlog (0 waiting):"]

@@ -7,7 +7,8 @@ What counts is what DevLake's DORA dashboards show: ``DoraReport`` over the fake
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 
 from reconciler import exitcodes
 from reconciler.model import AppKey, deployment_id
+from reconciler.run import Shard
+from reconciler.store import RedisStore
 from tests.factories import fake_uid
 from tests.fakes.dora import DoraReport
 from tests.fakes.hardening import never_wait
@@ -118,3 +121,82 @@ def test_a_cluster_that_could_not_be_listed_for_a_run_does_not_make_its_twins_se
         expected = [id_in(EAST, f"{name}-eu", f"h{change}") for name in COMPONENTS for change in (1, 2, 3)]
         assert sorted(world.devlake.deployments(1)) == sorted(expected)
         assert len(production_deployments(world)) == 15
+
+
+# -- 13.2: parallel shards claim a change in the store ---------------------------------------------------------
+
+
+def shards_deliver_together(world: World) -> list[int]:
+    """Run shards 0/2 and 1/2 at once; both read their markers before either decides who sends."""
+    barrier = threading.Barrier(2)
+    real = RedisStore.existing_markers
+
+    def read_then_wait(self: RedisStore, markers: Sequence[str]) -> set[str]:
+        found = real(self, markers)
+        barrier.wait(timeout=30)
+        return found
+
+    codes: dict[str, int] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RedisStore, "existing_markers", read_then_wait)
+        threads = [
+            threading.Thread(target=lambda s=shard: codes.__setitem__(s, world.run("--shard", s)), daemon=True)
+            for shard in ("0/2", "1/2")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    return [codes["0/2"], codes["1/2"]]
+
+
+def twins_in_two_shards(world: World) -> tuple[dict[str, Any], dict[str, Any]]:
+    """payments-api-eu falls in shard 0 of 2 and payments-api-us in shard 1; both make change 1 (not run yet)."""
+    assert Shard(0, 2).owns(AppKey(EAST, "argocd", "payments-api-eu"))
+    assert Shard(1, 2).owns(AppKey(EAST, "argocd", "payments-api-us"))
+    gitops = world.github.add_commits("acme/gitops", 2)
+    images = world.github.add_commits("acme/payments-api", 2)
+    eu = settled_app("payments-api-eu", gitops[0], images[0])
+    us = settled_app("payments-api-us", gitops[0], images[0])
+    world.set_apps([eu, us])
+    assert world.run() == 0
+    eu, us = deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[1], images[1])
+    world.set_apps([eu, us])
+    return eu, us
+
+
+def test_two_shards_running_at_once_send_a_shared_change_once(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_world(tmp_path, redis_url, monkeypatch, config=REGIONS) as (world, devlake):
+        twins_in_two_shards(world)
+        assert shards_deliver_together(world) == [0, 0]
+
+        sent = devlake.deployments(1)
+        assert len(sent) == 1, f"one change, one deployment in DevLake: {sorted(sent)}"
+        assert len(production_deployments(world)) == 1
+        posts = devlake.post_count
+        assert shards_deliver_together(world) == [0, 0]
+        assert world.run() == 0
+        assert devlake.post_count == posts
+
+
+def test_a_shard_whose_claimed_change_fails_delivers_it_next_run_and_its_twin_never_sends_it(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_world(tmp_path, redis_url, monkeypatch, config=REGIONS) as (world, devlake):
+        twins_in_two_shards(world)
+        eu_id, us_id = id_in(EAST, "payments-api-eu", "h1"), id_in(EAST, "payments-api-us", "h1")
+        devlake.answer(eu_id, 503)
+        devlake.answer(us_id, 503)
+        codes = shards_deliver_together(world)
+        assert sorted(codes) == [0, exitcodes.RETRY], "the claimer failed; its twin left the change to it"
+        claimer = eu_id if codes[0] else us_id
+        assert devlake.deployments(1) == {}
+
+        devlake.answer(eu_id, None)
+        devlake.answer(us_id, None)
+        assert world.run("--shard", "0/2") == 0
+        assert world.run("--shard", "1/2") == 0
+        assert list(devlake.deployments(1)) == [claimer]
+        assert {eu_id, us_id} - {claimer} & set(devlake.posted_ids()) == set(), "the twin never sent it"

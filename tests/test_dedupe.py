@@ -241,7 +241,7 @@ def test_application_mode_decides_nothing_and_reads_only_the_delivery_markers() 
     assert claims.decisions == {} and claims.holders == {}
     wanted = markers_to_read(apps, "application")
     targets = [Target(1, id_of(name, "h1")) for name in ("payments-api-eu", "payments-api-us")]
-    assert wanted == [marker for t in targets for marker in (t.sent, t.deduped, t.rejected)]
+    assert wanted == [marker for t in targets for marker in (t.sent, t.deduped, t.rejected, t.queued)]
 
 
 # -- the one store read ----------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[AppSteps], set[str]]:
         for ref, fingerprint in steps:
             for connection in connections:
                 target = Target(connection, id_of(name, ref))
-                universe += [target.sent, target.deduped, target.rejected]
+                universe += [target.sent, target.deduped, target.rejected, target.queued]
                 universe += [in_devlake(n, fingerprint or CHANGE, connection) for n in range(1, 14)]
     existing |= draw(st.sets(st.sampled_from(universe), max_size=30))
     return apps, existing

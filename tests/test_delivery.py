@@ -571,11 +571,15 @@ def test_a_redirect_in_front_of_devlake_is_never_followed_and_holds_deliveries_b
         assert [(r.method, r.status) for r in devlake.requests] == [("POST", 302)], (
             "not followed, and the connection is held back for the rest of the run"
         )
-        assert all(snapshot.last_history_id == 0 for snapshot in snapshots_of(world, *names).values())
         held = [json.loads(line) for line in err.splitlines() if "held back for the rest of this run" in line]
         assert held and f"to {devlake.url}/oauth2/start;" in held[0]["reason"], held
         assert "rd=" not in err, "the redirect's query (SSO state, the original URL) is not repeated"
-        assert status_json(world, capsys)["dead_letters"] == []
+        status = status_json(world, capsys)
+        assert status["dead_letters"] == []
+        (waiting,) = status["backlog"]
+        assert waiting["connection"] == 1 and sorted(waiting["deployments"]) == sorted(id_of(n, "h1") for n in names), (
+            "kept with their payloads in the connection's backlog until the redirect is fixed"
+        )
 
         devlake.sso_redirect(None)
         assert world.run() == 0
@@ -796,10 +800,10 @@ def crash_at(where: str, nth: int) -> Iterator[threading.Event]:
         return delivery
 
     def recorder(real: Callable[..., None]) -> Callable[..., None]:
-        def record(self: Store, key: AppKey, snapshot: Snapshot, markers: Sequence[str]) -> None:
+        def record(self: Store, key: AppKey, snapshot: Snapshot, markers: Sequence[str], **kwargs: Any) -> None:
             if dead.is_set():
                 raise Crash
-            real(self, key, snapshot, markers)
+            real(self, key, snapshot, markers, **kwargs)
             if where == "after the store write" and due("record"):
                 dead.set()
                 raise Crash

@@ -89,7 +89,7 @@ def test_store_lost_after_the_post_stops_the_tick_cleanly_and_the_next_run_recov
         store_class: type[SQLiteStore | RedisStore] = SQLiteStore if backend == "sqlite" else RedisStore
         original = store_class.record_delivery
 
-        def lost(self: Any, key: AppKey, snapshot: Snapshot, markers: Any) -> None:
+        def lost(self: Any, key: AppKey, snapshot: Snapshot, markers: Any, **kwargs: Any) -> None:
             raise StoreUnavailable("the state store went away (record delivery): connection reset")
 
         monkeypatch.setattr(store_class, "record_delivery", lost)
@@ -138,9 +138,9 @@ def test_redis_killed_during_delivery_stops_the_tick_without_a_traceback_and_the
 
         original = RedisStore.record_delivery
 
-        def killed_first(self: RedisStore, key: AppKey, snapshot: Snapshot, markers: Any) -> None:
+        def killed_first(self: RedisStore, key: AppKey, snapshot: Snapshot, markers: Any, **kwargs: Any) -> None:
             server.kill()
-            original(self, key, snapshot, markers)
+            original(self, key, snapshot, markers, **kwargs)
 
         monkeypatch.setattr(RedisStore, "record_delivery", killed_first)
         capsys.readouterr()
