@@ -1,10 +1,15 @@
 """Component dedupe (``devlake.dedupe: component``): the same change made by several Applications of one
 component reaches each connection once.
 
-What is compared is the *change* (``change_fingerprint``), counted per Application: the n-th time one
-Application makes a change matches only another Application's n-th, so a rollback or a roll-forward of commits
-the component once had goes out again, while a twin Application repeating it does not. Within a tick, the first
-Application in listing order that makes a shared change sends it, so who sends never depends on timing.
+What is compared is the *change*, counted per Application: the n-th time one Application makes a change matches
+only another Application's n-th, so a rollback or a roll-forward of commits the component once had goes out again,
+while a twin Application repeating it does not. A change is known by what it deploys (``change_fingerprint``) and
+by the commits its payload ships (``shipped_fingerprint``, its alias): two deployments are the same change when
+either matches, so a twin catching up several syncs (no images known for the superseded ones) matches by its
+GitOps revisions, and one image reaching two Applications through two GitOps commits matches by the image commits
+the payloads carry. Within a tick, the first Application in listing order that makes a shared change sends it, so
+who sends never depends on timing; a deployment that is a duplicate by one of its fingerprints makes its other
+ones the same change too (they are given the same sender).
 
 Pure: ``markers_to_read`` names the store markers the decisions depend on, the caller reads them (one batched
 read) and ``assign`` turns them into ``Claims``. The markers are the store's record of what happened to each
@@ -19,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from reconciler.model import AppKey, DeploymentKind, EnrichedDeployment, SourceRef
@@ -57,6 +62,23 @@ def change_fingerprint(enriched: EnrichedDeployment, *, environment: str) -> str
     }
     if deployment.kind is DeploymentKind.IMAGE:
         material["images"] = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    text = json.dumps(material, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def shipped_fingerprint(enriched: EnrichedDeployment, *, environment: str) -> str | None:
+    """A stable hash of the head commits a deployment's payload ships, its environment and its result: the
+    change's alias for component dedupe. ``None`` when it ships no commit.
+
+    With ``devlake.include_gitops_commit: fallback`` (the default) a deployment that changed an image commit ships
+    that commit and not the GitOps one, so one image rolled out to two Applications through two GitOps commits (one
+    per overlay) ships the same commits while their revisions differ; the alias makes them one change. Where the
+    GitOps commit is shipped, the alias adds nothing the revisions do not say.
+    """
+    commits = sorted({(commit.repo_url, commit.sha.lower()) for commit in enriched.heads})
+    if not commits:
+        return None
+    material = {"shipped": commits, "environment": str(environment), "result": enriched.deployment.result.devlake}
     text = json.dumps(material, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -141,10 +163,19 @@ class Step:
     deployment_id: str
     fingerprint: str | None
     connections: tuple[int, ...]
+    aliases: tuple[str, ...] = ()
+    """Other fingerprints the same change is known by (``shipped_fingerprint``); only with a ``fingerprint``."""
 
     @property
     def targets(self) -> tuple[Target, ...]:
         return tuple(Target(connection, self.deployment_id) for connection in self.connections)
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """The fingerprint first, then each alias once."""
+        if self.fingerprint is None:
+            return ()
+        return tuple(dict.fromkeys((self.fingerprint, *self.aliases)))
 
 
 @dataclass(frozen=True)
@@ -168,6 +199,21 @@ class Decision:
     """Connection id -> the component-change marker, written when that connection accepts the deployment."""
     duplicates: Mapping[int, str] = field(default_factory=dict)
     """Connection id -> why it is not sent there: another Application sends (or sent) the same change."""
+    alias_changes: tuple[str, ...] = ()
+    """This Application's markers for its occurrence of the change under each alias, written with ``change``."""
+    alias_components: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    """Connection id -> the component-change markers of the aliases, written with ``components``."""
+
+    @property
+    def changes(self) -> tuple[str, ...]:
+        """Every change marker to write once the deployment is recorded."""
+        return (self.change, *self.alias_changes) if self.change is not None else ()
+
+    def markers(self, connection: int) -> tuple[str, ...]:
+        """Every component-change marker of this change at ``connection`` (the fingerprint's first); empty when
+        it is not decided there."""
+        component = self.components.get(connection)
+        return (component, *self.alias_components.get(connection, ())) if component is not None else ()
 
 
 _UNDECIDED = Decision()
@@ -193,12 +239,12 @@ def markers_to_read(apps: Sequence[AppSteps], mode: Mode) -> list[str]:
         for step in app.steps:
             for target in step.targets:
                 markers += [target.sent, target.deduped, target.rejected, target.queued]
-            if mode != "component" or step.fingerprint is None or not step.connections:
+            if mode != "component" or not step.connections:
                 continue
-            fingerprint = step.fingerprint
-            markers += [change_marker(app.key, app.uid, fingerprint, n) for n in range(1, OCCURRENCES_PROBED + 1)]
-            for n in range(1, OCCURRENCES_PROBED + counts[fingerprint]):
-                markers += [component_marker(c, app.component, fingerprint, n) for c in step.connections]
+            for fingerprint in step.fingerprints:
+                markers += [change_marker(app.key, app.uid, fingerprint, n) for n in range(1, OCCURRENCES_PROBED + 1)]
+                for n in range(1, OCCURRENCES_PROBED + counts[fingerprint]):
+                    markers += [component_marker(c, app.component, fingerprint, n) for c in step.connections]
     return list(dict.fromkeys(markers))
 
 
@@ -213,75 +259,101 @@ def assign(
     claims = Claims(holders=dict(claimed or {}))
     if mode != "component":
         return claims
-    pending: list[tuple[Step, str, dict[int, str]]] = []
+    pending: list[tuple[Step, list[str], dict[int, list[str]]]] = []
     for app in apps:
         in_this_tick: dict[str, int] = {}
         for step in app.steps:
-            fingerprint = step.fingerprint
             targets = step.targets
-            if fingerprint is None or not targets:
+            if step.fingerprint is None or not targets:
                 continue
             if all(target.handled(existing) for target in targets):
-                continue  # recorded before (a backfill sees it again): its occurrence is already counted
-            earlier = 0
-            while (
-                earlier < OCCURRENCES_PROBED and change_marker(app.key, app.uid, fingerprint, earlier + 1) in existing
-            ):
-                earlier += 1
-            occurrence = earlier + in_this_tick.get(fingerprint, 0) + 1
-            in_this_tick[fingerprint] = in_this_tick.get(fingerprint, 0) + 1
-            if earlier == OCCURRENCES_PROBED:
-                continue
+                continue  # recorded before (a backfill sees it again): its occurrences are already counted
+            occurrences: list[tuple[str, int]] = []
+            for fingerprint in step.fingerprints:
+                earlier = 0
+                while (
+                    earlier < OCCURRENCES_PROBED
+                    and change_marker(app.key, app.uid, fingerprint, earlier + 1) in existing
+                ):
+                    earlier += 1
+                occurrence = earlier + in_this_tick.get(fingerprint, 0) + 1
+                in_this_tick[fingerprint] = in_this_tick.get(fingerprint, 0) + 1
+                if earlier < OCCURRENCES_PROBED:
+                    occurrences.append((fingerprint, occurrence))
+            if not occurrences or occurrences[0][0] != step.fingerprint:
+                continue  # past the occurrences looked up: sent anyway (a possible duplicate beats a loss)
             components = {
-                target.connection_id: component_marker(target.connection_id, app.component, fingerprint, occurrence)
+                target.connection_id: [
+                    component_marker(target.connection_id, app.component, fingerprint, occurrence)
+                    for fingerprint, occurrence in occurrences
+                ]
                 for target in targets
             }
             for target in targets:
-                marker = components[target.connection_id]
-                if not target.handled(existing) and marker not in existing:
-                    claims.holders.setdefault(marker, step.deployment_id)
-            pending.append((step, change_marker(app.key, app.uid, fingerprint, occurrence), components))
-    for step, change, components in pending:
+                markers = components[target.connection_id]
+                if target.handled(existing) or any(marker in existing for marker in markers):
+                    continue
+                holder = next((claims.holders[m] for m in markers if m in claims.holders), step.deployment_id)
+                for marker in markers:
+                    claims.holders.setdefault(marker, holder)
+            changes = [change_marker(app.key, app.uid, fingerprint, n) for fingerprint, n in occurrences]
+            pending.append((step, changes, components))
+    for step, changes, components in pending:
         duplicates: dict[int, str] = {}
-        for connection, marker in components.items():
-            holder = claims.holders.get(marker)
-            if marker in existing or holder != step.deployment_id:
-                duplicates[connection] = f"sent as {holder}" if holder else "already in DevLake"
-        claims.decisions[step.deployment_id] = Decision(change, components, duplicates)
+        for connection, markers in components.items():
+            if any(marker in existing for marker in markers):
+                duplicates[connection] = "already in DevLake"
+                continue
+            holders = [claims.holders.get(marker) for marker in markers]
+            other = next((holder for holder in holders if holder != step.deployment_id), step.deployment_id)
+            if other != step.deployment_id:
+                duplicates[connection] = f"sent as {other}" if other else "already in DevLake"
+        claims.decisions[step.deployment_id] = Decision(
+            changes[0],
+            {connection: markers[0] for connection, markers in components.items()},
+            duplicates,
+            tuple(changes[1:]),
+            {connection: tuple(markers[1:]) for connection, markers in components.items() if len(markers) > 1},
+        )
     return claims
 
 
-def intended_claims(claims: Claims) -> list[tuple[str, int, str]]:
-    """``(deployment id, connection, component marker)`` of every delivery ``assign`` decided to send itself:
-    what the caller claims in the store before sending."""
+def intended_claims(claims: Claims) -> list[tuple[str, int, tuple[str, ...]]]:
+    """``(deployment id, connection, component markers)`` of every delivery ``assign`` decided to send itself
+    (the fingerprint's marker first, then its aliases'): what the caller claims in the store, all at once, before
+    sending."""
     return [
-        (deployment_id, connection, marker)
+        (deployment_id, connection, decision.markers(connection))
         for deployment_id, decision in claims.decisions.items()
-        for connection, marker in decision.components.items()
+        for connection in decision.components
         if connection not in decision.duplicates
     ]
 
 
 def settle_claims(claims: Claims, holders: Mapping[str, str]) -> Claims:
     """``claims`` once the store said who holds each change claimed (``claim_key`` -> deployment id): a deployment
-    whose claim another one holds (a parallel shard, an earlier run) does not send the change."""
+    whose claim another one holds, under its fingerprint or an alias (a parallel shard, an earlier run), does not
+    send the change."""
     settled = Claims(holders=dict(claims.holders))
     for deployment_id, decision in claims.decisions.items():
         duplicates = dict(decision.duplicates)
-        for connection, marker in decision.components.items():
-            holder = holders.get(claim_key(marker))
-            if holder is None or connection in duplicates:
+        for connection in decision.components:
+            if connection in duplicates:
                 continue
-            settled.holders[marker] = holder
-            if holder != deployment_id:
-                duplicates[connection] = f"sent as {holder}"
-        settled.decisions[deployment_id] = Decision(decision.change, decision.components, duplicates)
+            for marker in decision.markers(connection):
+                holder = holders.get(claim_key(marker))
+                if holder is None:
+                    continue
+                settled.holders[marker] = holder
+                if holder != deployment_id:
+                    duplicates.setdefault(connection, f"sent as {holder}")
+        settled.decisions[deployment_id] = replace(decision, duplicates=duplicates)
     return settled
 
 
 def _fingerprint_counts(app: AppSteps) -> dict[str, int]:
     counts: dict[str, int] = {}
     for step in app.steps:
-        if step.fingerprint is not None:
-            counts[step.fingerprint] = counts.get(step.fingerprint, 0) + 1
+        for fingerprint in step.fingerprints:
+            counts[fingerprint] = counts.get(fingerprint, 0) + 1
     return counts

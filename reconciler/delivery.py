@@ -40,6 +40,7 @@ from reconciler.dedupe import (
     intended_claims,
     markers_to_read,
     settle_claims,
+    shipped_fingerprint,
 )
 from reconciler.devlake import (
     CONFIGURATION_STATUSES,
@@ -209,6 +210,8 @@ class PreparedStep:
     unsendable: str | None = None
     """Why no payload could be built (``PayloadError``): recorded without sending, like ``Skipped``."""
     fingerprint: str | None = None
+    aliases: tuple[str, ...] = ()
+    """Other fingerprints of the same change (``shipped_fingerprint``)."""
 
 
 @dataclass
@@ -335,7 +338,10 @@ class Deliverer:
             except PayloadError as error:
                 step.unsendable = error.reason
             else:
-                step.fingerprint = change_fingerprint(outcome, environment=str(step.payload["environment"]))
+                environment = str(step.payload["environment"])
+                step.fingerprint = change_fingerprint(outcome, environment=environment)
+                shipped = shipped_fingerprint(outcome, environment=environment)
+                step.aliases = (shipped,) if shipped is not None and shipped != step.fingerprint else ()
             commits.update(outcome.deployed_commits)
             step.commits = dict(commits)
 
@@ -456,18 +462,20 @@ class Deliverer:
         it is delivered, so the change does not depend on this run or this Application surviving."""
         steps = {step.deployment.id: (work, step) for work in works for step in work.steps}
         wanted: list[ChangeClaim] = []
-        for deployment_id, connection, marker in intended_claims(claims):
+        for deployment_id, connection, markers in intended_claims(claims):
             work, step = steps[deployment_id]
             if step.payload is None:
                 continue
             target = Target(connection, deployment_id)
             reason = "claimed a change its component's other Applications do not send"
-            item = self._backlog_item(work, step.payload, target, (target.sent, marker), reason)
-            wanted.append(ChangeClaim(claim_key(marker), item))
+            item = self._backlog_item(work, step.payload, target, (target.sent, *markers), reason)
+            aliases = tuple(claim_key(marker) for marker in markers[1:])
+            wanted.append(ChangeClaim(claim_key(markers[0]), item, aliases))
         if not wanted:
             return claims
         holders = self.store.claim_changes(wanted)
-        tick.backlog.keep(claim.item.slot for claim in wanted if holders.get(claim.key) == claim.holder)
+        won = [claim for claim in wanted if all(holders.get(key) == claim.holder for key in claim.keys)]
+        tick.backlog.keep(claim.item.slot for claim in won)
         return settle_claims(claims, holders)
 
     def _backlog_item(
@@ -540,8 +548,7 @@ class Deliverer:
             else:
                 result.failed += 1
             self._log_delivered(work, deployment, record, dry_run)
-            if decision.change is not None:
-                record.markers.append(decision.change)
+            record.markers.extend(decision.changes)
             commits = step.commits
             saved = deployment.snapshot_after.evolve(commits=dict(commits))
             if not dry_run:
@@ -592,12 +599,15 @@ class Deliverer:
                     },
                 )
                 record.markers.append(target.deduped)
+                # The change is in DevLake (or claimed, its payload kept) under another key: this deployment's own
+                # keys say so too, so a later deployment knowing the change only by one of them matches it.
+                record.markers.extend(decision.markers(connection.id))
                 continue
             if tick.options.dry_run:
                 self._print_dry_run(connection.id, payload)
                 stats.would_send += 1
                 continue
-            component = decision.components.get(connection.id)
+            components = decision.markers(connection.id)
             slot = BacklogSlot(deployment.key.cluster, connection.id, deployment.id, target.queued)
             down = tick.breaker.held_back(connection.id)
             if down is not None:
@@ -606,15 +616,14 @@ class Deliverer:
                 )
                 # The connection's one error line said why; a line per deployment would bury it.
                 refused = tick.breaker.refused(connection.id)
-                self._hold(work, payload, target, component, record, down, refused=refused, quiet=True)
+                self._hold(work, payload, target, components, record, down, refused=refused, quiet=True)
                 continue
             delivery = self._send(connection, payload, tick)
             if delivery.outcome is DeliveryOutcome.DELIVERED:
                 stats.sent += 1
                 record.markers.append(target.sent)
                 record.delivered.append(slot)
-                if component is not None:
-                    record.markers.append(component)
+                record.markers.extend(components)
             elif delivery.outcome is DeliveryOutcome.REJECTED:
                 stats.dead_lettered += 1
                 record.markers.append(target.rejected)
@@ -632,7 +641,7 @@ class Deliverer:
                 stats.errors.append(self._failure(connection.id, delivery, str(deployment.key), tick))
                 refused = refused_configuration(delivery)
                 self._hold(
-                    work, payload, target, component, record, delivery.message, refused=refused, status=delivery.status
+                    work, payload, target, components, record, delivery.message, refused=refused, status=delivery.status
                 )
         return record
 
@@ -652,7 +661,7 @@ class Deliverer:
         work: AppWork,
         payload: Mapping[str, Any],
         target: Target,
-        component: str | None,
+        components: Sequence[str],
         record: StepRecord,
         reason: str,
         *,
@@ -676,7 +685,7 @@ class Deliverer:
         fields["reason"] = reason
         emit = log.debug if quiet else log.warning
         if refused:
-            markers = (target.sent, component) if component is not None else (target.sent,)
+            markers = (target.sent, *components)
             record.backlog.append(self._backlog_item(work, payload, target, markers, f"refused: {reason}"))
             record.stats.backlogged += 1
             emit("connection refused its configuration; kept in its backlog for the next run", extra=fields)
@@ -781,5 +790,9 @@ def _dedupe_view(work: AppWork) -> AppSteps:
     """What dedupe decides on: the deployments that have a payload, with their change and connections."""
     connections = tuple(connection.id for connection in work.connections)
     observation = work.observation
-    steps = [Step(step.deployment.id, step.fingerprint, connections) for step in work.steps if step.payload is not None]
+    steps = [
+        Step(step.deployment.id, step.fingerprint, connections, step.aliases)
+        for step in work.steps
+        if step.payload is not None
+    ]
     return AppSteps(observation.key, observation.uid, work.component, steps)

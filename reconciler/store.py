@@ -357,17 +357,25 @@ class BacklogItem:
 
 @dataclass(frozen=True)
 class ChangeClaim:
-    """A deployment claiming the right to send a change to a connection (``key``: the change, per connection).
+    """A deployment claiming the right to send a change to a connection (``key``: the change, per connection;
+    ``aliases``: the other keys the same change is known by).
 
     The first claimer holds it for good; the claim and its backlog item (the payload) are written in one atomic
-    step, so the change reaches DevLake even if its holder's Application is deleted or its run dies."""
+    step, so the change reaches DevLake even if its holder's Application is deleted or its run dies. Its keys are
+    claimed together: if another deployment holds any of them, the claim is lost, and those of its keys nobody
+    holds yet are given to that holder (the same change, whichever key a later claimer knows it by)."""
 
     key: str
     item: BacklogItem
+    aliases: tuple[str, ...] = ()
 
     @property
     def holder(self) -> str:
         return self.item.slot.deployment_id
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.key, *self.aliases)))
 
 
 def _backlog_order(items: Sequence[BacklogItem]) -> list[BacklogItem]:
@@ -519,20 +527,36 @@ return reply
 )
 
 _CLAIM_SCRIPT = """
-local held = redis.call('get', KEYS[1])
-if not held then
-    redis.call('set', KEYS[1], ARGV[1])
-    held = ARGV[1]
+-- KEYS[1]: the backlog hash; KEYS[2]: the queued marker; KEYS[3..]: the change's claim keys (its key, its aliases).
+-- ARGV: the claim's value, the claimer, the backlog field, the backlog item, the marker's value.
+local function holder_of(value)
+    local ok, decoded = pcall(cjson.decode, value)
+    if ok and type(decoded) == 'table' and decoded['holder'] then
+        return decoded['holder']
+    end
+    return value
 end
-local ok, decoded = pcall(cjson.decode, held)
-local holder = held
-if ok and type(decoded) == 'table' and decoded['holder'] then
-    holder = decoded['holder']
+local value, holder = ARGV[1], ARGV[2]
+for i = 3, #KEYS do
+    local held = redis.call('get', KEYS[i])
+    if held and holder_of(held) ~= ARGV[2] then
+        value, holder = held, holder_of(held)
+        break
+    end
 end
-if holder == ARGV[2] and redis.call('hsetnx', KEYS[2], ARGV[3], ARGV[4]) == 1 then
-    redis.call('set', KEYS[3], ARGV[5])
+local holders = {}
+for i = 3, #KEYS do
+    local held = redis.call('get', KEYS[i])
+    if not held then
+        redis.call('set', KEYS[i], value)
+        held = value
+    end
+    holders[#holders + 1] = holder_of(held)
 end
-return holder
+if holder == ARGV[2] and redis.call('hsetnx', KEYS[1], ARGV[3], ARGV[4]) == 1 then
+    redis.call('set', KEYS[2], ARGV[5])
+end
+return holders
 """
 
 
@@ -857,12 +881,20 @@ class RedisStore:
             for claim in claims:
                 slot = claim.item.slot
                 self._claim(
-                    keys=[self._key("claim", claim.key), self._backlog_key(slot.cluster), self._mark_key(slot.marker)],
+                    keys=[
+                        self._backlog_key(slot.cluster),
+                        self._mark_key(slot.marker),
+                        *(self._key("claim", key) for key in claim.keys),
+                    ],
                     args=[_claim_value(claim.holder), claim.holder, slot.field, claim.item.to_json(), value],
                     client=pipe,
                 )
-            holders: list[str] = pipe.execute()
-        return {claim.key: str(holder) for claim, holder in zip(claims, holders, strict=True)}
+            replies: list[list[str]] = pipe.execute()
+        return {
+            key: str(holder)
+            for claim, holders in zip(claims, replies, strict=True)
+            for key, holder in zip(claim.keys, holders, strict=True)
+        }
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(markers))
@@ -1257,18 +1289,24 @@ class SQLiteStore:
         created = _format_instant(datetime.now(UTC))
         with self._write() as conn:
             for claim in claims:
-                conn.execute(
-                    "INSERT OR IGNORE INTO claims VALUES (?, ?, ?)",
-                    (self.key_prefix, claim.key, _claim_value(claim.holder)),
+                held = {key: self._claim_value(conn, key) for key in claim.keys}
+                value = next(
+                    (text for text in held.values() if text is not None and _claim_holder(text) != claim.holder),
+                    _claim_value(claim.holder),
                 )
-                (text,) = conn.execute(
-                    "SELECT json FROM claims WHERE prefix = ? AND claim = ?", (self.key_prefix, claim.key)
-                ).fetchone()
-                holder = _claim_holder(text)
-                holders[claim.key] = holder
-                if holder == claim.holder:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO claims VALUES (?, ?, ?)",
+                    [(self.key_prefix, key, value) for key, text in held.items() if text is None],
+                )
+                for key, text in held.items():
+                    holders[key] = _claim_holder(value if text is None else text)
+                if all(holders[key] == claim.holder for key in claim.keys):
                     self._queue(conn, claim.item, created)
         return holders
+
+    def _claim_value(self, conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT json FROM claims WHERE prefix = ? AND claim = ?", (self.key_prefix, key)).fetchone()
+        return None if row is None else str(row[0])
 
     def existing_markers(self, markers: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(markers))

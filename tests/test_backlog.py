@@ -589,6 +589,18 @@ def test_the_first_claimer_of_a_change_holds_it_and_keeps_its_payload(store: Sto
     assert store.existing_markers([eu.slot.marker, us.slot.marker]) == {eu.slot.marker}
 
 
+def test_a_change_is_claimed_under_all_its_keys_at_once(store: Store) -> None:
+    """eu claims the change under its revision and the image it ships; us, another revision shipping the same
+    image, loses, and its own revision's key goes to eu; ap, knowing the change only by us's revision, loses too."""
+    eu, us, ap = _item(1, "eu:h1"), _item(1, "us:h1"), _item(1, "ap:h1")
+    eu_revision, us_revision, image = "claim:1:payments-api:e0", "claim:1:payments-api:05", "claim:1:payments-api:1a"
+    assert store.claim_changes([ChangeClaim(eu_revision, eu, (image,))]) == {eu_revision: "eu:h1", image: "eu:h1"}
+    assert store.claim_changes([ChangeClaim(us_revision, us, (image,))]) == {us_revision: "eu:h1", image: "eu:h1"}
+    assert store.claim_changes([ChangeClaim(us_revision, ap)]) == {us_revision: "eu:h1"}
+    assert [item.slot.deployment_id for item in store.backlog()] == ["eu:h1"], "only the holder's payload"
+    assert store.existing_markers([eu.slot.marker, us.slot.marker, ap.slot.marker]) == {eu.slot.marker}
+
+
 def test_concurrent_claims_of_one_change_have_exactly_one_winner(store: Store) -> None:
     """Each thread is a shard process with its own connection to the same state, all claiming at once."""
     contenders = 8

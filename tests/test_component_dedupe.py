@@ -47,13 +47,19 @@ def production_deployments(world: World, connection: int = 1) -> list[str]:
 
 # -- 13.3: the fingerprint of a change does not depend on the path an Application took to it -------------------
 
+GITOPS_COMMIT = pytest.mark.parametrize("gitops_commit", ["always", "fallback"])
+"""Whatever commits the payloads carry: the GitOps commit in every deployment, or (the default) only where no
+image commit changed, so that a twin's payload and its own differ in commits when only one knows the images."""
 
+
+@GITOPS_COMMIT
 def test_a_twin_catching_up_two_syncs_in_one_run_does_not_send_them_again(
-    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, gitops_commit: str
 ) -> None:
     """eu deploys change 1 then change 2, one run each; us makes the same two changes and a run sees both at once
     (superseded entries carry no images). DevLake must count 2 deployments, not 4."""
-    with open_world(tmp_path, state_url, monkeypatch, config=REGIONS) as (world, devlake):
+    devlake_config = {"include_gitops_commit": gitops_commit}
+    with open_world(tmp_path, state_url, monkeypatch, config=REGIONS, devlake=devlake_config) as (world, devlake):
         gitops = world.github.add_commits("acme/gitops", 3)
         images = world.github.add_commits("acme/payments-api", 3)
         eu = settled_app("payments-api-eu", gitops[0], images[0])
@@ -76,7 +82,7 @@ def test_a_twin_catching_up_two_syncs_in_one_run_does_not_send_them_again(
 
 @contextmanager
 def two_clusters(
-    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, devlake: dict[str, Any] | None = None
 ) -> Iterator[tuple[World, FakeKubeAPI]]:
     """prod-east runs each component's ``-eu`` Application, prod-west its ``-us`` twin."""
     with FakeKubeAPI() as west:
@@ -87,17 +93,18 @@ def two_clusters(
             {"name": WEST, "kubeconfig": str(west_config), "context": "fake", "page_size": 50},
         ]
         config: dict[str, Any] = {**REGIONS, "clusters": clusters}
-        with open_world(tmp_path, state_url, monkeypatch, config=config) as (world, _devlake):
+        with open_world(tmp_path, state_url, monkeypatch, config=config, devlake=devlake) as (world, _devlake):
             yield world, west
 
 
+@GITOPS_COMMIT
 def test_a_cluster_that_could_not_be_listed_for_a_run_does_not_make_its_twins_send_again(
-    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, gitops_commit: str
 ) -> None:
     """Five components, each an ``-eu`` Application on prod-east and a ``-us`` twin on prod-west, make three changes
     each, one per run; prod-west cannot be listed during the second run, so its Applications catch up two syncs in
     the third. 15 changes: DevLake must count 15 deployments (it received 25)."""
-    with two_clusters(tmp_path, state_url, monkeypatch) as (world, west):
+    with two_clusters(tmp_path, state_url, monkeypatch, {"include_gitops_commit": gitops_commit}) as (world, west):
         gitops = world.github.add_commits("acme/gitops", 4)
         images = {name: world.github.add_commits(f"acme/{name}", 4) for name in COMPONENTS}
         eu = {name: settled_app(f"{name}-eu", gitops[0], images[name][0], image_repo=name) for name in COMPONENTS}
@@ -121,6 +128,41 @@ def test_a_cluster_that_could_not_be_listed_for_a_run_does_not_make_its_twins_se
         expected = [id_in(EAST, f"{name}-eu", f"h{change}") for name in COMPONENTS for change in (1, 2, 3)]
         assert sorted(world.devlake.deployments(1)) == sorted(expected)
         assert len(production_deployments(world)) == 15
+
+
+def test_one_image_reaching_twins_through_their_own_gitops_commits_is_one_change_even_when_one_catches_up(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default ``fallback`` an image rollout ships the image commit, not the GitOps one: eu and us take
+    image 1 then image 2 through their own overlay commits (the GitOps revisions differ), one run each. Then their
+    sibling ap, which shares us's overlay, catches up the same two entries in one run, knowing no images for the
+    first: it matches us by the GitOps revision, us matched eu by the image. 2 changes, 2 records."""
+    config = {"applications": {"component": {"strip_suffixes": ["eu", "us", "ap"]}}}
+    with open_world(tmp_path, state_url, monkeypatch, config=config, devlake={"include_gitops_commit": "fallback"}) as (
+        world,
+        devlake,
+    ):
+        eu_commits = world.github.add_commits("acme/gitops", 3)
+        us_commits = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 3)
+        eu = settled_app("payments-api-eu", eu_commits[0], images[0])
+        us = settled_app("payments-api-us", eu_commits[0], images[0])
+        ap = settled_app("payments-api-ap", eu_commits[0], images[0])
+        world.set_apps([eu, us, ap])
+        assert world.run() == 0
+
+        for change in (1, 2):
+            eu = deploy(eu, change, eu_commits[change], images[change])
+            us = deploy(us, change, us_commits[change - 1], images[change])
+            world.set_apps([eu, us, ap])
+            assert world.run() == 0
+        ap = deploy(deploy(ap, 1, us_commits[0], images[1]), 2, us_commits[1], images[2])
+        world.set_apps([eu, us, ap])
+        assert world.run() == 0
+
+        eu_ids = [id_in(EAST, "payments-api-eu", f"h{n}") for n in (1, 2)]
+        assert sorted(devlake.deployments(1)) == sorted(eu_ids)
+        assert sorted(production_deployments(world)) == sorted(eu_ids)
 
 
 # -- 13.2: parallel shards claim a change in the store ---------------------------------------------------------
@@ -177,6 +219,31 @@ def test_two_shards_running_at_once_send_a_shared_change_once(
         assert len(production_deployments(world)) == 1
         posts = devlake.post_count
         assert shards_deliver_together(world) == [0, 0]
+        assert world.run() == 0
+        assert devlake.post_count == posts
+
+
+def test_two_shards_running_at_once_send_one_image_reaching_twins_through_two_gitops_commits_once(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twins' GitOps revisions differ and their payloads ship the same image commit (``fallback``): the change
+    is claimed under both its keys at once, so the shard that claims second loses whichever key it knows it by."""
+    with open_world(
+        tmp_path, redis_url, monkeypatch, config=REGIONS, devlake={"include_gitops_commit": "fallback"}
+    ) as (world, devlake):
+        gitops = world.github.add_commits("acme/gitops", 3)
+        images = world.github.add_commits("acme/payments-api", 2)
+        eu = settled_app("payments-api-eu", gitops[0], images[0])
+        us = settled_app("payments-api-us", gitops[0], images[0])
+        world.set_apps([eu, us])
+        assert world.run() == 0
+        world.set_apps([deploy(eu, 1, gitops[1], images[1]), deploy(us, 1, gitops[2], images[1])])
+
+        assert shards_deliver_together(world) == [0, 0]
+        sent = devlake.deployments(1)
+        assert len(sent) == 1, f"one change, one deployment in DevLake: {sorted(sent)}"
+        assert len(production_deployments(world)) == 1
+        posts = devlake.post_count
         assert world.run() == 0
         assert devlake.post_count == posts
 

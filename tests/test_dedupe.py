@@ -16,8 +16,12 @@ from reconciler.dedupe import (
     assign,
     change_fingerprint,
     change_marker,
+    claim_key,
     component_marker,
+    intended_claims,
     markers_to_read,
+    settle_claims,
+    shipped_fingerprint,
 )
 from reconciler.model import (
     AppKey,
@@ -36,6 +40,9 @@ COMPONENT = "payments-api"
 CHANGE = "f" * 32
 """A change fingerprint (``change_fingerprint``)."""
 OTHER_CHANGE = "e" * 32
+IMAGE = "d" * 32
+"""An alias: the commits a payload ships (``shipped_fingerprint``)."""
+OTHER_IMAGE = "c" * 32
 
 
 def key(name: str) -> AppKey:
@@ -58,6 +65,11 @@ def app(name: str, *steps: tuple[str, str | None], connections: Sequence[int] = 
         COMPONENT,
         [Step(id_of(name, ref), fingerprint, tuple(connections)) for ref, fingerprint in steps],
     )
+
+
+def aliased(name: str, ref: str, fingerprint: str, *aliases: str, connections: Sequence[int] = (1,)) -> AppSteps:
+    """``name`` deploying one change known by ``fingerprint`` and by ``aliases``."""
+    return AppSteps(key(name), uid(name), COMPONENT, [Step(id_of(name, ref), fingerprint, tuple(connections), aliases)])
 
 
 def changed(name: str, occurrence: int, fingerprint: str = CHANGE) -> str:
@@ -124,6 +136,76 @@ def test_different_components_never_share_a_change() -> None:
     claims = decide(app("payments-api", ("h1", CHANGE)), search)
     assert claims.of(id_of("search-api", "h1")).duplicates == {}
     assert claims.of(id_of("search-api", "h1")).components == {1: component_marker(1, "search-api", CHANGE, 1)}
+
+
+# -- aliases: one change known by what it deploys and by what its payload ships ---------------------------------
+
+
+def test_twins_deploying_one_image_through_two_gitops_commits_make_one_change() -> None:
+    """Their revisions differ (CHANGE, OTHER_CHANGE); their payloads ship the same image commit (IMAGE)."""
+    claims = decide(
+        aliased("payments-api-eu", "h1", CHANGE, IMAGE), aliased("payments-api-us", "h1", OTHER_CHANGE, IMAGE)
+    )
+    eu, us = claims.of(id_of("payments-api-eu", "h1")), claims.of(id_of("payments-api-us", "h1"))
+    assert eu.duplicates == {}
+    assert us.duplicates == {1: f"sent as {id_of('payments-api-eu', 'h1')}"}
+    assert eu.markers(1) == (in_devlake(1), in_devlake(1, IMAGE))
+    assert us.markers(1) == (in_devlake(1, OTHER_CHANGE), in_devlake(1, IMAGE))
+    assert eu.changes == (changed("payments-api-eu", 1), changed("payments-api-eu", 1, IMAGE))
+    assert claims.holders == {
+        marker: id_of("payments-api-eu", "h1") for marker in (*eu.markers(1), in_devlake(1, OTHER_CHANGE))
+    }, "us's own fingerprint goes to eu too: a third Application knowing the change only by it matches"
+
+
+def test_a_change_in_devlake_under_an_alias_is_not_sent_again() -> None:
+    existing = [in_devlake(1, IMAGE), changed("payments-api-eu", 1, IMAGE)]
+    claims = decide(aliased("payments-api-us", "h1", OTHER_CHANGE, IMAGE), existing=existing)
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {1: "already in DevLake"}
+
+
+def test_a_duplicate_by_one_fingerprint_passes_its_sender_on_to_the_others() -> None:
+    """us matches eu by the image; ap, catching up, knows no image and matches us by the revision only."""
+    claims = decide(
+        aliased("payments-api-eu", "h1", CHANGE, IMAGE),
+        aliased("payments-api-us", "h1", OTHER_CHANGE, IMAGE),
+        aliased("payments-api-ap", "h1", OTHER_CHANGE, OTHER_IMAGE),
+    )
+    sender = f"sent as {id_of('payments-api-eu', 'h1')}"
+    assert claims.of(id_of("payments-api-us", "h1")).duplicates == {1: sender}
+    assert claims.of(id_of("payments-api-ap", "h1")).duplicates == {1: sender}
+
+
+def test_aliases_are_counted_per_application_like_the_fingerprint() -> None:
+    """eu shipped the image once before: this is its second time, which matches only another's second."""
+    existing = [changed("payments-api-eu", 1, IMAGE), in_devlake(1, IMAGE)]
+    claims = decide(aliased("payments-api-eu", "h3", CHANGE, IMAGE), existing=existing)
+    decision = claims.of(id_of("payments-api-eu", "h3"))
+    assert decision.duplicates == {}
+    assert decision.markers(1) == (in_devlake(1), in_devlake(2, IMAGE))
+
+
+def test_every_key_of_a_change_is_claimed_at_once_and_one_held_elsewhere_makes_it_a_duplicate() -> None:
+    claims = decide(aliased("payments-api-us", "h1", OTHER_CHANGE, IMAGE))
+    us = id_of("payments-api-us", "h1")
+    assert intended_claims(claims) == [(us, 1, (in_devlake(1, OTHER_CHANGE), in_devlake(1, IMAGE)))]
+    eu = id_of("payments-api-eu", "h1")
+    settled = settle_claims(claims, {claim_key(in_devlake(1, OTHER_CHANGE)): eu, claim_key(in_devlake(1, IMAGE)): eu})
+    assert settled.of(us).duplicates == {1: f"sent as {eu}"}
+    won = settle_claims(claims, {claim_key(in_devlake(1, OTHER_CHANGE)): us, claim_key(in_devlake(1, IMAGE)): us})
+    assert won.of(us).duplicates == {}
+
+
+def test_the_alias_is_the_commits_the_payload_ships() -> None:
+    assert shipped_fingerprint(_enriched("payments-api-eu"), environment="PRODUCTION") == shipped_fingerprint(
+        _enriched("payments-api-us"), environment="PRODUCTION"
+    )
+    assert shipped_fingerprint(_enriched("payments-api-eu"), environment="STAGING") != shipped_fingerprint(
+        _enriched("payments-api-eu"), environment="PRODUCTION"
+    )
+    failed = shipped_fingerprint(_enriched("payments-api-eu", Result.FAILED), environment="PRODUCTION")
+    assert failed != shipped_fingerprint(_enriched("payments-api-eu"), environment="PRODUCTION")
+    nothing = EnrichedDeployment(_enriched("payments-api-eu").deployment, heads=(), history=())
+    assert shipped_fingerprint(nothing, environment="PRODUCTION") is None
 
 
 # -- occurrences: rollbacks and roll-forwards ------------------------------------------------------------
@@ -259,16 +341,28 @@ def scenarios(draw: st.DrawFn) -> tuple[list[AppSteps], set[str]]:
     for name in draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3, unique=True)):
         refs = [f"h{n}" for n in range(draw(st.integers(1, 4)))]
         steps = [(ref, draw(st.sampled_from([CHANGE, OTHER_CHANGE, None]))) for ref in refs]
+        aliases = [tuple(draw(st.lists(st.sampled_from([IMAGE, OTHER_IMAGE, CHANGE]), max_size=2))) for _ in refs]
         connections = draw(st.sampled_from([(1,), (1, 6)]))
-        apps.append(app(name, *steps, connections=connections))
-        for change in (CHANGE, OTHER_CHANGE):
+        apps.append(
+            AppSteps(
+                key(name),
+                uid(name),
+                COMPONENT,
+                [
+                    Step(id_of(name, ref), fingerprint, connections, alias)
+                    for (ref, fingerprint), alias in zip(steps, aliases, strict=True)
+                ],
+            )
+        )
+        for change in (CHANGE, OTHER_CHANGE, IMAGE, OTHER_IMAGE):
             earlier = draw(st.integers(0, OCCURRENCES_PROBED + 1))
             existing |= {changed(name, n, change) for n in range(1, earlier + 1)}
         for ref, fingerprint in steps:
             for connection in connections:
                 target = Target(connection, id_of(name, ref))
                 universe += [target.sent, target.deduped, target.rejected, target.queued]
-                universe += [in_devlake(n, fingerprint or CHANGE, connection) for n in range(1, 14)]
+                for change in (fingerprint or CHANGE, IMAGE, OTHER_IMAGE):
+                    universe += [in_devlake(n, change, connection) for n in range(1, 14)]
     existing |= draw(st.sets(st.sampled_from(universe), max_size=30))
     return apps, existing
 
