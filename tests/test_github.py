@@ -18,18 +18,19 @@ from urllib3.util.retry import Retry
 from reconciler.github import (
     OUTAGE_ATTEMPTS,
     CommitNotFound,
-    CountingRetry,
     GitHubClient,
     GitHubDown,
     GitHubUnavailable,
     RateLimited,
     RepositoryNotReadable,
+    counting_retry_class,
     repository_from_url,
 )
 from reconciler.run import STOPPING_REQUEST_TIMEOUT, StopFlag, Stopping
 from tests.fakes.github import START, FakeGitHub, InMemoryCache, SilentServer, github_config
 
 TOKEN = "ghp_SUPERsecretTOKENvalue0123456789abcdef"
+CountingRetry = counting_retry_class()  # built on PyGithub's GithubRetry, which the package imports only when asked
 
 
 class Sleeps:
@@ -822,3 +823,29 @@ def test_disabled_github_is_never_asked_and_knows_a_commit_by_its_sha_alone(
     client.reset_tick()
     client.commit("acme/api", sha)
     assert [r.getMessage() for r in caplog.records].count("GitHub is not used this run") == 2, "once per run"
+
+
+def test_the_counting_retry_is_built_once_on_pygithubs_retry() -> None:
+    from github.GithubRetry import GithubRetry
+
+    assert counting_retry_class() is CountingRetry
+    assert issubclass(CountingRetry, GithubRetry)
+    assert isinstance(CountingRetry(total=1).new(total=0), CountingRetry), "urllib3's copies keep the class"
+
+
+def test_pygithub_is_imported_with_the_first_request_not_with_the_client() -> None:
+    """A run with nothing new to deploy asks GitHub nothing: it must not pay PyGithub's import either."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from reconciler.config import GitHubConfig\n"
+        "from reconciler.github import GitHubClient\n"
+        "from tests.fakes.github import InMemoryCache\n"
+        "client = GitHubClient(GitHubConfig(), InMemoryCache())\n"
+        "client.reset_tick(); client.tick_problems()\n"
+        "print(sorted(name for name in sys.modules if name == 'github' or name.startswith('github.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

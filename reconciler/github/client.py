@@ -21,8 +21,6 @@ from concurrent.futures import Future
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from github import GithubException
-
 from reconciler.config import GitHubConfig
 from reconciler.github.cache import CommitCache, Comparison, LookupCache
 from reconciler.github.errors import (
@@ -242,6 +240,8 @@ class GitHubClient:
         """For ``check``: read the newest commit of ``owner/repo``, one request. Returns its SHA (``None`` for an
         empty repository); raises ``RepositoryNotReadable`` (404: it does not exist or the token cannot read it),
         ``RateLimited`` or ``GitHubUnavailable``."""
+        from github import GithubException
+
         repo = _check_repo(repo)
         try:
             with self.transport.github() as gh:
@@ -423,6 +423,8 @@ class GitHubClient:
         return RepositoryNotReadable(repo)
 
     def _readable(self, repo: str) -> bool:
+        from github import GithubException
+
         try:
             with self.transport.github() as gh:
                 gh.get_repo(repo).complete()

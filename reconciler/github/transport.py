@@ -5,10 +5,16 @@ instance attributes, PyGithub PR #2052), so the transport keeps a small pool of 
 each to one thread at a time. Every instance's ``requests`` session gets a counting adapter, so ``requests`` is
 the exact number of HTTP requests sent, retries included. Whatever PyGithub, ``requests`` or ``urllib3`` raise is
 translated into this package's errors (``translate``).
+
+PyGithub is imported with the first request, not with this module: its import (with jwt, cryptography and nacl)
+costs about as much as a quiet run's whole work for a thousand Applications, and a run with nothing new to deploy
+asks GitHub nothing. The two classes built on PyGithub's (``CountingRetry``, the installation token) are made
+then (``counting_retry_class()``, ``_installation_token_class()``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -16,19 +22,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
 import urllib3
-from github import Auth, Github, GithubException, GithubIntegration, GithubRetry
-from github.GithubException import (
-    BadCredentialsException,
-    RateLimitExceededExceedsMaxWait,
-    RateLimitExceededException,
-    UnknownObjectException,
-)
-from github.Requester import Requester
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
@@ -38,6 +36,15 @@ from reconciler.config import GitHubConfig
 from reconciler.github.breaker import OUTAGE_ATTEMPTS, Breaker
 from reconciler.github.errors import CommitNotFound, GitHubDown, GitHubError, GitHubUnavailable, RateLimited
 from reconciler.run import Stopping
+
+if TYPE_CHECKING:
+    from github import Auth, Github, GithubException
+    from github.GithubRetry import GithubRetry as _RetryBase
+    from github.Requester import Requester
+
+    _AuthBase = Auth.Auth
+else:
+    _RetryBase = _AuthBase = object
 
 log = logging.getLogger("reconciler.github")
 
@@ -82,7 +89,15 @@ class Transport:
         self._blocked: RateLimited | None = None
         """After a rate limit: no request is sent until its reset (or, when unknown, until the next tick)."""
         self.breaker = Breaker(OUTAGE_ATTEMPTS)
-        self._auth = self._build_auth()
+        self._app = config.enabled and config.app_id is not None and config.app_installation_id is not None
+        self._token = config.token() if config.enabled and not self._app else None
+        self._auth: tuple[Auth.Auth | None] | None = None
+        """Built with the first request (``_authentication``): building it imports PyGithub."""
+        if config.enabled and not self._app and not self._token:
+            log.warning(
+                "no GitHub token: unauthenticated requests (60 per hour)",
+                extra={"reason": f"${config.token_env or 'GITHUB_TOKEN'} is not set"},
+            )
 
     # -- counters ------------------------------------------------------------------------------------
 
@@ -138,6 +153,8 @@ class Transport:
     def rate_limit(self) -> tuple[int, int, datetime]:
         """``(remaining, limit, reset)`` of the core API from ``GET /rate_limit``; ``(-1, -1, now)`` when
         rate limiting is disabled (GitHub Enterprise Server's default)."""
+        from github import GithubException
+
         try:
             with self.github(guard=False) as gh:
                 data = gh.get_rate_limit().raw_data
@@ -156,12 +173,14 @@ class Transport:
     @property
     def authenticated(self) -> bool:
         """A token or a GitHub App is configured (and GitHub is enabled)."""
-        return self._auth is not None
+        return self._app or bool(self._token)
 
     def unreachable(self) -> str | None:
         """Why GitHub cannot be reached at all (no route, no name resolution, no answer in ``github.timeout``), from
         one ``GET /rate_limit`` sent once, without retries; ``None`` when GitHub answered anything."""
-        gh = self._new_github(self._auth, retries=0)
+        from github import GithubException
+
+        gh = self._new_github(self._authentication(), retries=0)
         try:
             gh.get_rate_limit()
         except GithubException:
@@ -179,7 +198,7 @@ class Transport:
         with self._lock:
             gh = self._idle.pop() if self._idle else None
         if gh is None:
-            gh = self._new_github(self._auth)
+            gh = self._new_github(self._authentication())
         try:
             yield gh
         finally:
@@ -192,6 +211,14 @@ class Transport:
         """Map whatever PyGithub, requests or urllib3 raised to one of this package's errors."""
         if isinstance(error, GitHubError):
             return error
+        from github.GithubException import (
+            BadCredentialsException,
+            GithubException,
+            RateLimitExceededExceedsMaxWait,
+            RateLimitExceededException,
+            UnknownObjectException,
+        )
+
         if isinstance(error, Stopping):
             return GitHubUnavailable(f"{error}; the GitHub work in hand is left for the next run")
         outage = self.breaker.reason
@@ -247,8 +274,8 @@ class Transport:
 
     # -- PyGithub instances --------------------------------------------------------------------------
 
-    def _retry(self, retries: int | None = None) -> CountingRetry:
-        return CountingRetry(
+    def _retry(self, retries: int | None = None) -> CountingRetryBase:
+        return counting_retry_class()(
             on_attempt=self._count_request,
             on_response=self._observe_headers,
             sleep=self._sleep,
@@ -261,6 +288,8 @@ class Transport:
         )
 
     def _new_github(self, auth: Auth.Auth | None, *, retries: int | None = None) -> Github:
+        from github import Github
+
         gh = Github(
             auth=auth,
             base_url=self.config.url,
@@ -295,22 +324,22 @@ class Transport:
 
     # -- authentication ------------------------------------------------------------------------------
 
+    def _authentication(self) -> Auth.Auth | None:
+        with self._lock:
+            if self._auth is None:
+                self._auth = (self._build_auth(),)
+            return self._auth[0]
+
     def _build_auth(self) -> Auth.Auth | None:
-        config = self.config
-        if not config.enabled:
-            return None
-        if config.app_id is not None and config.app_installation_id is not None:
-            return _InstallationToken(self._fetch_installation_token)
-        token = config.token()
-        if token:
-            return Auth.Token(token)
-        log.warning(
-            "no GitHub token: unauthenticated requests (60 per hour)",
-            extra={"reason": f"${config.token_env or 'GITHUB_TOKEN'} is not set"},
-        )
-        return None
+        from github import Auth
+
+        if self._app:
+            return _installation_token_class()(self._fetch_installation_token)
+        return Auth.Token(self._token) if self._token else None
 
     def _fetch_installation_token(self) -> tuple[str, datetime]:
+        from github import Auth, GithubException, GithubIntegration
+
         config = self.config
         key = config.app_private_key()
         if not key or config.app_id is None or config.app_installation_id is None:
@@ -349,8 +378,10 @@ class Transport:
             return f"cannot create the GitHub App token ({type(error).__name__})"
 
 
-class _InstallationToken(Auth.Auth):
-    """One GitHub App installation token shared by every pooled ``Github`` instance, refreshed when close to expiry."""
+class _InstallationTokenAuth(_AuthBase):
+    """One GitHub App installation token shared by every pooled ``Github`` instance, refreshed when close to expiry.
+
+    PyGithub's ``Auth.Auth`` is its base once PyGithub is imported: ``_installation_token_class()``."""
 
     def __init__(self, fetch: Callable[[], tuple[str, datetime]]) -> None:
         self._fetch = fetch
@@ -377,9 +408,22 @@ class _InstallationToken(Auth.Auth):
         return "_InstallationToken()"
 
 
-class CountingRetry(GithubRetry):
+@functools.cache
+def _installation_token_class() -> type[_InstallationTokenAuth]:
+    from github.Auth import Auth
+
+    class _InstallationToken(_InstallationTokenAuth, Auth):
+        pass
+
+    return _InstallationToken
+
+
+class CountingRetryBase(_RetryBase):
     """``GithubRetry`` that counts every retried attempt, sleeps through an injectable function and never waits
-    longer than ``max_wait`` (a ``Retry-After`` above it raises ``RateLimitExceededExceedsMaxWait``)."""
+    longer than ``max_wait`` (a ``Retry-After`` above it raises ``RateLimitExceededExceedsMaxWait``).
+
+    PyGithub's ``GithubRetry`` is its base once PyGithub is imported: ``counting_retry_class()`` builds the class
+    that is (``CountingRetry``); this one alone cannot be instantiated usefully."""
 
     def __init__(
         self,
@@ -398,7 +442,7 @@ class CountingRetry(GithubRetry):
         self._breaker = breaker
         super().__init__(**kwargs)
 
-    def new(self, **kw: Any) -> CountingRetry:
+    def new(self, **kw: Any) -> CountingRetryBase:
         kw.setdefault("on_attempt", self._on_attempt)
         kw.setdefault("on_response", self._on_response)
         kw.setdefault("sleep", self._sleep_function)
@@ -420,6 +464,8 @@ class CountingRetry(GithubRetry):
                 self._breaker.failure(_request_path(url), _failure(error, response))
             if self._breaker.reason is not None:  # GitHub is down: no more attempts, no more waiting
                 raise MaxRetryError(_pool, url or "", error or ResponseError(self._breaker.reason))
+        from github.GithubException import RateLimitExceededExceedsMaxWait
+
         if response is not None:
             self._check_primary_limit(response)
         retry = super().increment(method, url, response, error, _pool, _stacktrace)
@@ -435,6 +481,8 @@ class CountingRetry(GithubRetry):
     def _check_primary_limit(self, response: Any) -> None:
         """Record the headers of a response about to be retried and give up at once on a spent primary limit
         whose reset is further away than ``max_wait`` (whatever the message says, 403 or 429)."""
+        from github.GithubException import RateLimitExceededExceedsMaxWait
+
         headers: Mapping[str, Any] = response.headers
         if self._on_response is not None:
             self._on_response(headers)
@@ -455,6 +503,17 @@ class CountingRetry(GithubRetry):
             wait = self.get_backoff_time()
         if wait > 0:
             self._sleep_function(wait)
+
+
+@functools.cache
+def counting_retry_class() -> type[CountingRetryBase]:
+    """``CountingRetry``: ``CountingRetryBase`` on PyGithub's ``GithubRetry`` (imports PyGithub)."""
+    from github.GithubRetry import GithubRetry
+
+    class CountingRetry(CountingRetryBase, GithubRetry):
+        pass
+
+    return CountingRetry
 
 
 class _CountingAdapter(HTTPAdapter):
