@@ -179,7 +179,11 @@ def _dispatch(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
 
 
 def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
-    from reconciler import commands, scheduler  # import the clients: kept out of --help and config errors
+    if args.command == "serve":
+        from reconciler import scheduler  # APScheduler and the HTTP server: only serve needs them
+
+        return scheduler.serve(config)
+    from reconciler import commands  # import the clients: kept out of --help and config errors
 
     if getattr(args, "applications_file", None) is not None:
         config = commands.read_applications_from(config, tuple(args.cluster), args.applications_file)
@@ -195,8 +199,6 @@ def _command(args: argparse.Namespace, config: Config, stdout: TextIO) -> int:
             stdout=stdout,
             reader_gone=stdout.reader_gone if isinstance(stdout, RedactingStream) else None,
         )
-    if args.command == "serve":
-        return scheduler.serve(config)
     if args.command == "check":
         return commands.check_command(config, stdout=stdout)
     if args.command == "explain":

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from reconciler import exitcodes
 from reconciler.application import MalformedApplication, parse_application
@@ -33,7 +33,6 @@ from reconciler.github import (
 )
 from reconciler.images import CommitTagRule, InvalidImageReference, RepositoryMapper, parse_image
 from reconciler.logs import describe_run_error
-from reconciler.metrics import PrometheusMetrics, grouping_key, push
 from reconciler.model import OWNER_REPO, AppObservation, Snapshot, format_time
 from reconciler.planner import plan
 from reconciler.reconcile import iter_observations, planner_policy
@@ -47,6 +46,9 @@ from reconciler.store import (
     state_eviction,
     warn_if_state_can_be_evicted,
 )
+
+if TYPE_CHECKING:
+    from reconciler.metrics import PrometheusMetrics
 
 log = logging.getLogger("reconciler")
 
@@ -66,11 +68,20 @@ def run_command(
     """``run`` and ``backfill``: one pass, then the metrics pushed to the Pushgateway (unless a dry run).
 
     ``reader_gone``: set when nobody reads ``stdout`` any more (``--dry-run | head``): a dry run then stops at
-    its next safe point."""
-    metrics = PrometheusMetrics.for_config(config)
+    its next safe point.
+
+    Without a Pushgateway nothing would read the metrics: they are not counted, and prometheus_client is not
+    even imported."""
+    metrics: PrometheusMetrics | None = None
+    if config.metrics.pushgateway and not dry_run:
+        from reconciler.metrics import PrometheusMetrics
+
+        metrics = PrometheusMetrics.for_config(config)
 
     def publish() -> None:
-        if not dry_run:
+        if metrics is not None:
+            from reconciler.metrics import grouping_key, push
+
             push(config, metrics, grouping_key(config, clusters, shard))
 
     options = RunOptions(
@@ -85,7 +96,8 @@ def run_command(
         runtime = Runtime.open(config, read_only=dry_run, stop=stop)
     except StoreUnavailable as error:
         store_unavailable_at_start(error)
-        metrics.run_aborted(exitcodes.RETRY)
+        if metrics is not None:
+            metrics.run_aborted(exitcodes.RETRY)
         publish()
         return exitcodes.RETRY
     try:

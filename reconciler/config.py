@@ -31,8 +31,6 @@ from pydantic import (
     model_validator,
 )
 
-from reconciler.cron import cron_trigger
-
 ENV_PREFIX = "DORA__"
 
 
@@ -409,6 +407,8 @@ class Config(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
+        from reconciler.cron import cron_trigger  # APScheduler: imported only when a schedule is written out
+
         try:
             cron_trigger(value)
         except ValueError as error:

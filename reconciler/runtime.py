@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from reconciler import exitcodes
 from reconciler.argocd import ApplicationLister, open_lister
@@ -23,11 +23,13 @@ from reconciler.config import ClusterConfig, Config
 from reconciler.delivery import DeliveryMetrics
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
-from reconciler.metrics import PrometheusMetrics
 from reconciler.model import format_time
 from reconciler.reconcile import Reconciler
 from reconciler.run import RunOptions, RunSummary, StopFlag, selected_clusters
 from reconciler.store import LockHeld, RunLock, Store, StoreUnavailable, open_store
+
+if TYPE_CHECKING:
+    from reconciler.metrics import PrometheusMetrics
 
 log = logging.getLogger("reconciler")
 
