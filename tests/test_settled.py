@@ -17,7 +17,7 @@ from reconciler.config import ImagesConfig, load_config
 from reconciler.images import CommitImages
 from reconciler.model import AppKey, Snapshot
 from reconciler.planner import PlannerPolicy, plan
-from reconciler.settled import for_planning, settle, settled_digest
+from reconciler.settled import PASS_GC_THRESHOLD, for_planning, settle, settled_digest, split_page
 from reconciler.store import open_store
 from tests.factories import (
     SIDECAR,
@@ -183,14 +183,26 @@ def test_the_store_reads_the_settled_digest_without_decoding_the_snapshot(store:
 def test_a_run_leaves_nothing_frozen_out_of_the_collectors_reach(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """serve runs pass after pass in one process: what a pass freezes must be handed back to the collector."""
+    """serve runs pass after pass in one process: what a pass freezes must be handed back to the collector, and
+    the collector's thresholds, raised while pages are decoded, restored."""
     import gc
 
+    thresholds = gc.get_threshold()
+    during: list[tuple[int, int, int]] = []
+    real_split = split_page
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        during.append(gc.get_threshold())
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr("reconciler.reconcile.split_page", spying)
     with World(tmp_path, f"sqlite:///{tmp_path / 'state.db'}", monkeypatch) as world:
         world.set_apps([base()])
         for _ in range(3):
             assert world.run() == 0
             assert gc.get_freeze_count() == 0
+            assert gc.get_threshold() == thresholds
+    assert during and all(seen[0] >= PASS_GC_THRESHOLD for seen in during)
 
 
 def test_runs_of_another_shard_layout_are_kept_out_while_one_runs(
