@@ -320,5 +320,9 @@ class Fleet:
             returned.update((repo, commit_of(member.component, v)) for v in range(member.version + 1, head + 1))
         return len(compares), len(wanted - returned)
 
+    def history_entries(self) -> int:
+        """History entries of the fleet before the burst (what a backfill walks through)."""
+        return self.apps * HISTORY
+
     def burst_count(self) -> int:
         return sum(1 for member in self.members() if member.bursts)

@@ -1,8 +1,10 @@
-"""One measured phase of a benchmark, in a fresh process: ``baseline``, ``steady`` or ``burst``.
+"""One measured pass of a benchmark, in a process of its own: ``baseline``, ``backfill`` or ``burst``.
 
 Run by ``benchmarks.tick`` (``python -m benchmarks.phase SPEC_JSON``); prints one JSON line with the figures.
 The pass is the real one (``runtime.run_pass`` with the real Kubernetes, GitHub, DevLake and store clients);
-only the far ends are fakes: the API server and DevLake in the server process, GitHub through ``responses``.
+only the far ends are fakes: the API server and DevLake in the server process, GitHub through ``responses``
+(these passes need GitHub; the steady state, which must not, is measured as a whole ``dora-reconciler run``
+process by ``benchmarks.tick``). Times are the pass's, from the first listing to the summary.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import pstats
 import re
 import resource
-import statistics
 import sys
 import threading
 import time
@@ -31,7 +32,6 @@ import responses
 from requests import PreparedRequest
 
 from benchmarks.fleet import COMPONENT_LABEL, IMAGE_RULE, Fleet
-from reconciler.argocd import ClusterLister
 from reconciler.config import Config, validate_config
 from reconciler.devlake import DevLakeClient
 from reconciler.github import GitHubClient
@@ -233,24 +233,30 @@ class SlowGitHub(FakeGitHub):
 # -- the phase -----------------------------------------------------------------------------------------
 
 
+def config_data(spec: Spec, *, github_url: str | None = None) -> dict[str, Any]:
+    """The benchmark's configuration: the same for the passes here and the ``dora-reconciler run`` processes."""
+    github: dict[str, Any] = {"token_env": GITHUB_TOKEN_ENV, "max_rate_limit_wait": "0s", "timeout": "10s"}
+    if github_url is not None:
+        github["url"] = github_url
+    return {
+        "environment": "PRODUCTION",
+        "clusters": [{"name": CLUSTER, "kubeconfig": spec.kubeconfig, "page_size": spec.page_size}],
+        "applications": {"component": {"label": COMPONENT_LABEL}},
+        "images": {"repositories": [IMAGE_RULE]},
+        "github": github,
+        "state": {"url": spec.state_url, "key_prefix": spec.key_prefix},
+        "devlake": {
+            "url": spec.devlake_url,
+            "connections": [{"id": 1, "api_key_env": DEVLAKE_KEY_ENV}],
+            "commits": spec.commits,
+            "timeout": "10s",
+            "retry_budget": "30s",
+        },
+    }
+
+
 def build_config(spec: Spec) -> Config:
-    return validate_config(
-        {
-            "environment": "PRODUCTION",
-            "clusters": [{"name": CLUSTER, "kubeconfig": spec.kubeconfig, "page_size": spec.page_size}],
-            "applications": {"component": {"label": COMPONENT_LABEL}},
-            "images": {"repositories": [IMAGE_RULE]},
-            "github": {"token_env": GITHUB_TOKEN_ENV, "max_rate_limit_wait": "0s", "timeout": "10s"},
-            "state": {"url": spec.state_url, "key_prefix": spec.key_prefix},
-            "devlake": {
-                "url": spec.devlake_url,
-                "connections": [{"id": 1, "api_key_env": DEVLAKE_KEY_ENV}],
-                "commits": spec.commits,
-                "timeout": "10s",
-                "retry_budget": "30s",
-            },
-        }
-    )
+    return validate_config(config_data(spec))
 
 
 class GCTimer:
@@ -287,23 +293,9 @@ class Bench:
         self.session = CountingSession()
         self.devlake = DevLakeClient(self.config.devlake, session=self.session)
         self.runtime = Runtime(self.config, self.store, self.github, self.devlake)
-        self.cluster = self.config.clusters[0]
         self.gc = GCTimer()
 
-    def floor(self) -> dict[str, float]:
-        """The same client listing the same Applications with the same page size, and nothing else."""
-        self.gc.reset()
-        cpu = time.process_time()
-        started = time.perf_counter()
-        for _page in ClusterLister(self.cluster).pages():
-            pass
-        return {
-            "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu,
-            "gc_seconds": self.gc.seconds,
-        }
-
-    def tick(self, profile: Path | None = None) -> dict[str, Any]:
+    def tick(self, profile: Path | None = None, options: RunOptions | None = None) -> dict[str, Any]:
         self.store.counts.clear()
         self.github_fake.calls.clear()
         self.github_fake.intervals.clear()
@@ -314,7 +306,7 @@ class Bench:
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        summary = run_pass(self.runtime, RunOptions()).summary
+        summary = run_pass(self.runtime, options or RunOptions()).summary
         if profiler is not None:
             profiler.disable()
         seconds = time.perf_counter() - started
@@ -343,21 +335,10 @@ def run(spec: Spec) -> dict[str, Any]:
         result["rss_setup_mb"] = _memory()["rss"]
         profile = Path(spec.profile) if spec.profile else None
         if spec.phase == "baseline":
-            result["first_listing"] = bench.floor()
             result["tick"] = bench.tick(profile)
-        elif spec.phase == "steady":
-            bench.floor()
-            floors: list[dict[str, float]] = []
-            ticks: list[dict[str, Any]] = []
-            for _ in range(spec.repeat):
-                floors.append(bench.floor())
-                ticks.append(bench.tick())
-            if profile is not None:
-                bench.tick(profile)
-            result["floors"] = floors
-            result["ticks"] = ticks
-            result["floor"] = statistics.median(floor["seconds"] for floor in floors)
-            result["tick_median"] = statistics.median(tick["seconds"] for tick in ticks)
+        elif spec.phase == "backfill":
+            result["history"] = bench.fleet.history_entries()
+            result["tick"] = bench.tick(profile, RunOptions(backfill=True))
         elif spec.phase == "burst":
             compares, lookups = bench.fleet.burst_minimum(bench.config.devlake.include_gitops_commit)
             result["minimum"] = {"compare": compares, "commit": lookups}
