@@ -5,6 +5,10 @@ One independent ``ApiClient`` per cluster (the global default configuration is n
 short retries for transient failures, and every failure surfaced as ``ClusterUnavailable`` with a reason an
 operator can act on. Items are returned as raw dicts; parsing them is ``application.py``'s job.
 
+``listed_pages()`` also hands out each item's JSON as the API server sent it, cut out of the page without decoding
+it (``cut_list``): the steady-state fast path (``settled.py``) recognises an unchanged Application from those bytes,
+so a quiet run does not decode what it does not need.
+
 A cluster entry with ``applications_file`` is listed by :class:`FileLister` instead: the same pages of raw
 items, selected by ``namespaces`` and ``label_selector`` as the API server would, so the reconciler cannot tell
 the difference (:func:`open_lister` picks the lister).
@@ -19,8 +23,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import urllib3
 import yaml
@@ -171,6 +176,25 @@ class ClusterLister:
         An Application is yielded once per listing even when an expired continue token forces a restart.
         Items are passed on as the server sent them, malformed ones included. Raises ``ClusterUnavailable``.
         """
+        seen: set[tuple[str, str]] = set()
+        for listed in self.listed_pages():
+            page = []
+            for item in listed.items():
+                identity = _identity(item, listed.namespace)
+                if identity in seen:
+                    continue
+                seen.add(identity)
+                page.append(item)
+            if page:
+                yield page
+
+    def listed_pages(self) -> Iterator[ListedPage]:
+        """Every page as the API server sent it (``ListedPage``), empty ones included.
+
+        Unlike ``pages()``, nothing is left out: after an expired continue token forced a restart, the Applications
+        already yielded come again, and the caller skips those it has seen. Raises ``ClusterUnavailable``, also
+        from ``ListedPage.items()``.
+        """
         owned = self._api_client is None
         api_client = build_api_client(self.cluster) if self._api_client is None else self._api_client
         try:
@@ -184,8 +208,7 @@ class ClusterLister:
             if owned:
                 api_client.close()  # type: ignore[no-untyped-call]
 
-    def _listing(self, api: CustomObjectsApi, namespace: str | None) -> Iterator[list[dict[str, Any]]]:
-        seen: set[tuple[str, str]] = set()
+    def _listing(self, api: CustomObjectsApi, namespace: str | None) -> Iterator[ListedPage]:
         restarts = 0
         token: str | None = None
         single = len(self.cluster.namespaces) <= 1
@@ -208,23 +231,37 @@ class ClusterLister:
                 token = None
                 continue
             first = token is None
-            items, token = self._unpack(response, namespace)
+            page, token, remaining = self._page(response, namespace, restarted=first and restarts > 0)
             if first and single:
-                remaining = _remaining_items(response)
-                self.expected = None if remaining is None else len(items) + remaining
-            page = []
-            for item in items:
-                identity = _identity(item, namespace)
-                if identity in seen:
-                    continue
-                seen.add(identity)
-                page.append(item)
-            if page:
-                yield page
+                self.expected = None if remaining is None else page.count() + remaining
+            yield page
             if not token:
                 return
 
-    def _fetch(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> Any:
+    def _page(
+        self, body: bytes, namespace: str | None, *, restarted: bool
+    ) -> tuple[ListedPage, str | None, int | None]:
+        """The page, its continue token and the list's ``remainingItemCount``."""
+        metadata: Any
+        cut = cut_list(body)
+        if cut is not None:
+            encoded, metadata = cut
+            page = ListedPage(namespace, lambda: self._decoded(body, namespace)[0], encoded, restarted=restarted)
+        else:
+            items, metadata = self._decoded(body, namespace)
+            page = ListedPage(namespace, lambda: items, restarted=restarted)
+        return page, _continue_token(metadata), _remaining_items(metadata)
+
+    def _decoded(self, body: bytes, namespace: str | None) -> tuple[list[Any], Any]:
+        """The page's items and the list's metadata, decoded."""
+        try:
+            response = decode_page(body)
+        except ValueError as error:
+            detail = self._clean(_first_line(str(error)))
+            raise ClusterUnavailable(self.name, f"the API server's answer could not be read: {detail}") from None
+        return self._unpack(response, namespace)
+
+    def _fetch(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> bytes:
         retrying = Retrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self._attempts),
@@ -243,12 +280,12 @@ class ClusterLister:
             raise ClusterUnavailable(self.name, self._api_reason(error, namespace)) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise ClusterUnavailable(self.name, self._connection_reason(error)) from None
-        except ValueError as error:  # undecodable JSON, or the client's own argument validation
+        except ValueError as error:  # the client's own argument validation
             detail = self._clean(_first_line(str(error)))
             raise ClusterUnavailable(self.name, f"the API server's answer could not be read: {detail}") from None
 
-    def _request(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> Any:
-        """One page, decoded here rather than by the client (see :func:`decode_page`)."""
+    def _request(self, api: CustomObjectsApi, namespace: str | None, token: str | None) -> bytes:
+        """One page's body, decoded here rather than by the client (see :func:`cut_list`, :func:`decode_page`)."""
         self.requests += 1
         kwargs: dict[str, Any] = {
             "limit": self.cluster.page_size,
@@ -268,17 +305,15 @@ class ClusterLister:
             body = response.data
         finally:
             response.release_conn()
-        return decode_page(body)
+        return body if isinstance(body, bytes) else bytes(body)
 
-    def _unpack(self, response: Any, namespace: str | None) -> tuple[list[Any], str | None]:
+    def _unpack(self, response: Any, namespace: str | None) -> tuple[list[Any], Any]:
         if not isinstance(response, dict):
             raise ClusterUnavailable(self.name, f"the API server's answer {_scope(namespace)} is not a Kubernetes list")
         items = response.get("items") or []
         if not isinstance(items, list):
             raise ClusterUnavailable(self.name, f"the API server's list {_scope(namespace)} has no items array")
-        metadata = response.get("metadata")
-        token = metadata.get("continue") if isinstance(metadata, dict) else None
-        return items, token if isinstance(token, str) and token else None
+        return items, response.get("metadata")
 
     def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
@@ -339,8 +374,14 @@ class ClusterLister:
         return _clean(text, self._secrets)
 
 
-def _remaining_items(response: Any) -> int | None:
-    metadata = response.get("metadata") if isinstance(response, dict) else None
+def _continue_token(metadata: Any) -> str | None:
+    """The continue token of a list's ``metadata``; ``None`` on the last page."""
+    token = metadata.get("continue") if isinstance(metadata, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+def _remaining_items(metadata: Any) -> int | None:
+    """The ``remainingItemCount`` of a list's ``metadata``, when the API server gives one."""
     value = metadata.get("remainingItemCount") if isinstance(metadata, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -372,7 +413,106 @@ def _wait(state: RetryCallState) -> float:
     return float(_backoff(state))
 
 
+class EncodedItem(NamedTuple):
+    """One item of a page as the API server sent it: its JSON, and its ``metadata`` decoded alone (``None``
+    when that cannot be read)."""
+
+    metadata: Any
+    body: bytes
+
+
+class ListedPage:
+    """One page of a listing. ``items()`` decodes it (once): what ``pages()`` yields. ``encoded`` is each item
+    cut out of the page without decoding it, when the page is laid out the way the API server writes lists
+    (:func:`cut_list`), else ``None``. ``restarted``: the first page of a listing started again after an expired
+    continue token (the Applications read before come again)."""
+
+    def __init__(
+        self,
+        namespace: str | None,
+        decode: Callable[[], list[Any]],
+        encoded: list[bytes] | None = None,
+        *,
+        restarted: bool = False,
+    ) -> None:
+        self.namespace = namespace
+        self.restarted = restarted
+        self._decode = decode
+        self._items: list[Any] | None = None
+        self._encoded = encoded
+
+    @classmethod
+    def decoded(cls, items: list[Any], namespace: str | None = None) -> ListedPage:
+        """A page whose items are already decoded (nothing to cut)."""
+        return cls(namespace, lambda: items)
+
+    def items(self) -> list[Any]:
+        if self._items is None:
+            self._items = self._decode()
+        return self._items
+
+    def count(self) -> int:
+        """How many items the page holds: the pieces it was cut into, unless it was decoded (a wrong cut makes more
+        pieces than items, and is then decoded)."""
+        if self._items is None and self._encoded is not None:
+            return len(self._encoded)
+        return len(self.items())
+
+    @cached_property
+    def encoded(self) -> list[EncodedItem] | None:
+        if self._encoded is None:
+            return None
+        return [EncodedItem(_encoded_metadata(body), body) for body in self._encoded]
+
+
 # -- decoding a page ---------------------------------------------------------------------------------
+
+_LIST_HEAD = b'{"apiVersion":"argoproj.io/v1alpha1","items":['
+_LIST_TAIL = b'],"kind":"ApplicationList","metadata":'
+_ITEM_HEAD = b'{"apiVersion":"argoproj.io/v1alpha1","kind":"Application","metadata":'
+_ITEM_SEPARATOR = b"," + _ITEM_HEAD
+_DECODER = json.JSONDecoder()
+
+
+def cut_list(body: bytes) -> tuple[list[bytes], dict[str, Any]] | None:
+    """The items of a list answer, each as the JSON the API server wrote, cut apart without decoding them, and the
+    list's ``metadata`` (continue token, ``remainingItemCount``); ``None`` when the answer is not laid out the way
+    the API server writes lists of Applications (the keys of every object in order: ``apiVersion``, ``items``,
+    ``kind``, ``metadata`` for the list, ``apiVersion``, ``kind``, ``metadata``, ... for each item), which is then
+    decoded as a whole.
+
+    Each item starts with the same bytes, and the page is cut wherever a comma and those bytes appear. An object
+    shaped like an Application nested inside an item (a Helm value holding manifests, say) makes a wrong cut:
+    then at least one of the pieces is not a JSON value on its own, which whoever decodes the pieces notices.
+    """
+    if not body.startswith(_LIST_HEAD):
+        return None
+    tail = body.rfind(_LIST_TAIL)
+    if tail < len(_LIST_HEAD) - 1:
+        return None
+    try:
+        text = body[tail + len(_LIST_TAIL) :].decode()
+        metadata, end = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    if text[end:] != "}" or not isinstance(metadata, dict):
+        return None
+    items = body[len(_LIST_HEAD) : tail]
+    if not items:
+        return [], metadata
+    if not items.startswith(_ITEM_HEAD):
+        return None
+    first, *rest = items.split(_ITEM_SEPARATOR)
+    return [first, *(_ITEM_HEAD + piece for piece in rest)], metadata
+
+
+def _encoded_metadata(body: bytes) -> Any:
+    """The ``metadata`` of an item cut by :func:`cut_list`, decoded alone; ``None`` when it cannot be."""
+    try:
+        return _DECODER.raw_decode(body.decode(), len(_ITEM_HEAD))[0]
+    except (ValueError, RecursionError):
+        return None
+
 
 DEEPEST_PATH_PARTS = 4
 """How much of the path to the deepest point of an unreadable item its reason names."""
@@ -611,7 +751,11 @@ class ApplicationLister(Protocol):
     def expected(self) -> int | None:
         """How many Applications the listing holds, when known (after its first page)."""
 
-    def pages(self) -> Iterator[list[dict[str, Any]]]: ...
+    def pages(self) -> Iterator[list[dict[str, Any]]]:
+        """The Applications, decoded, page by page, each once."""
+
+    def listed_pages(self) -> Iterator[ListedPage]:
+        """The pages as listed (``ClusterLister.listed_pages``): what the reconciler reads."""
 
 
 def open_lister(
@@ -676,6 +820,12 @@ class FileLister:
         size = self.cluster.page_size
         for start in range(0, len(selected), size):
             yield selected[start : start + size]
+
+    def listed_pages(self) -> Iterator[ListedPage]:
+        """``pages()``, already decoded: an export is not laid out the way the API server writes lists, so there is
+        nothing to cut (a quiet file is recognised by the settled digest, after decoding)."""
+        for page in self.pages():
+            yield ListedPage.decoded(page)
 
     def read(self) -> list[Any]:
         """Every Application item of the file, in file order, before any selection."""

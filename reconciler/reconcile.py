@@ -178,28 +178,35 @@ class Reconciler:
         progress = summary.progress = ClusterProgress(cluster.name, apps_total=previous_total)
         notes: Counter[str] | None = Counter() if initialized_at is None or options.backfill else None
         lister = self.lister_factory(cluster)
-        for page in lister.pages():
+        read_in_listing: dict[str | None, int] = {}  # per namespace listed, the Applications read since it started
+        for page in lister.listed_pages():
             split = split_page(
                 page,
                 cluster.name,
-                selected=lambda key: self._selected(key, options.shard),
+                # After an expired continue token the listing starts again: what was seen is not looked at twice.
+                selected=lambda key: key not in seen and self._selected(key, options.shard),
                 load=self.store.load_stored,
                 salt=salt,
                 backfill=options.backfill,
             )
+            if split.refreshed and not options.dry_run:
+                self.store.save_snapshots(split.refreshed)
             listed = split.listed
             seen.update(listed)
             seen.update(split.unreadable)
-            summary.apps_read += len(page)
+            # Each Application is read once per listing: a listing started again reads again what it had read.
+            read = page.count() - (read_in_listing.pop(page.namespace, 0) if page.restarted else 0)
+            read_in_listing[page.namespace] = read_in_listing.get(page.namespace, 0) + page.count()
+            summary.apps_read += read
             summary.apps_listed += len(listed)
             summary.apps_malformed += split.malformed
             for item in split.changed if initialized_at is None else ():
                 written = newest_argocd_time(item.observation)
                 if written is not None and (argocd_now is None or written > argocd_now):
                     argocd_now = written
-            counts["apps_read"] += len(page)
+            counts["apps_read"] += read
             counts["apps_listed"] += len(listed)
-            progress.apps_read += len(page)
+            progress.apps_read += read
             progress.apps_total = lister.expected or previous_total
             self._process_page(split.changed, policy, now, tick, summary, notes)
             if tick.halted():

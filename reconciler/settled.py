@@ -1,12 +1,13 @@
 """The steady-state fast path: an Application unchanged since a tick that left nothing to decide is skipped.
 
-Such an Application's snapshot stores a digest of every field the planner reads (``settled_digest``) and of the
-configuration that shapes its decisions (``decision_salt``). While the listing shows the same digest, the
-Application is neither parsed nor planned: a quiet tick costs the listing, one batched snapshot read per page
-(the store reads the digest without decoding the snapshot: ``stored_settled_digest``) and a digest per
-Application. ``split_page`` applies this to one page; ``frozen_heap`` keeps the collector from scanning
-again and again what it cannot free. Pure, except for the collector: the caller reads the store and passes the
-reader in.
+Such an Application's snapshot stores two digests, each salted with the configuration that shapes decisions
+(``decision_salt``): ``settled_digest``, of every field the planner reads, and ``encoded_digest``, of the
+Application's JSON as the API server sent it, less the values that move on every refresh. While the listing shows
+the same JSON, the Application is not even decoded; while it shows the same fields, it is decoded but neither
+parsed nor planned. A quiet tick costs the listing, one batched snapshot read per page (the store reads the
+digests without decoding the snapshot: ``stored_settled_digest``) and a hash of each Application's bytes.
+``split_page`` applies this to one page; ``frozen_heap`` keeps the collector from scanning again and again what
+it cannot free. Pure, except for the collector: the caller reads the store and passes the reader in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,6 +66,45 @@ def settled_digest(raw: Any, salt: str = "") -> str | None:
         return None
 
 
+_VOLATILE = re.compile(rb'"(?:reconciledAt|resourceVersion|observedAt|time)":"[^"\\]*"|"generation":\d+')
+"""What moves on every refresh of an Application without changing anything the planner reads:
+``status.reconciledAt`` (and ``observedAt``, its name in older Argo CD), ``metadata.resourceVersion``,
+``metadata.generation`` (the Application CRD has no status subresource, so every status update counts) and the
+``time`` of ``metadata.managedFields`` entries. Matched as whole members (strings without escapes, digits), which
+keeps the JSON around them as it was: a piece of JSON digests like a valid Application only if it is one."""
+
+
+def encoded_digest(encoded: bytes, salt: str = "") -> str:
+    """A digest of an Application's JSON exactly as the API server wrote it, except the values that move on
+    every refresh (``_VOLATILE``). Any other change, even one the planner does not read, changes it: equal
+    digests mean the same Application with the same fields, which ``settled_digest`` (a function of those
+    fields that ignores the same refreshes) would find equal too."""
+    digest = hashlib.blake2b(salt.encode(), digest_size=16)
+    view = memoryview(encoded)
+    start = 0
+    for match in _VOLATILE.finditer(encoded):
+        digest.update(view[start : match.start()])
+        start = match.end()
+    digest.update(view[start:])
+    return digest.hexdigest()
+
+
+def stored_digests(value: str | None) -> tuple[str | None, str | None]:
+    """``(settled digest, encoded digest)`` of what a snapshot stores as its ``settled_digest``."""
+    if not value:
+        return None, None
+    settled, _, encoded = value.partition(".")
+    return settled, encoded or None
+
+
+def digests_to_store(settled: str | None, encoded: str | None) -> str | None:
+    """What a snapshot stores as its ``settled_digest``: both digests, or the settled one alone when the
+    Application's JSON was not at hand (its page was decoded whole)."""
+    if settled is None:
+        return None
+    return f"{settled}.{encoded}" if encoded else settled
+
+
 def decision_salt(config: Config) -> str:
     """The configuration that shapes the planner's decisions: changing it invalidates every settled digest."""
     shaping = {"detection": config.detection.model_dump(mode="json"), "images": config.images.model_dump(mode="json")}
@@ -80,7 +121,7 @@ def stored_settled_digest(text: str) -> str | None:
         return None
     start = len(_SETTLED_PREFIX)
     end = text.find('"', start)
-    return text[start:end] if 0 < end - start <= 64 else None
+    return text[start:end] if 0 < end - start <= 160 else None
 
 
 def for_planning(stored: Snapshot | None) -> Snapshot | None:
@@ -102,8 +143,26 @@ class StoredItem(Protocol):
     def snapshot(self) -> Snapshot | None: ...
 
 
+class EncodedItem(Protocol):
+    """An Application's JSON as the API server sent it, and its ``metadata`` decoded alone (``argocd.EncodedItem``)."""
+
+    @property
+    def metadata(self) -> Any: ...
+    @property
+    def body(self) -> bytes: ...
+
+
+class ListedPage(Protocol):
+    """A page of the listing (``argocd.ListedPage``): decoded on demand, and its items' JSON when it could be cut."""
+
+    @property
+    def encoded(self) -> Sequence[EncodedItem] | None: ...
+    def items(self) -> list[Any]: ...
+
+
 class Changed(NamedTuple):
-    """An Application that may have changed: parsed, with its stored snapshot and its digest now."""
+    """An Application that may have changed: parsed, with its stored snapshot and its digests now (what its
+    snapshot stores once settled: ``digests_to_store``)."""
 
     observation: AppObservation
     stored: Snapshot | None
@@ -118,6 +177,9 @@ class PageSplit:
     unreadable: list[AppKey] = field(default_factory=list)
     """Malformed Applications whose key could be read: listed, so not taken for deleted."""
     malformed: int = 0
+    refreshed: dict[AppKey, Snapshot] = field(default_factory=dict)
+    """Unchanged Applications whose JSON changed in what the planner does not read: their snapshots with the new
+    encoded digest, to store so that the next tick need not decode them."""
 
     @property
     def listed(self) -> list[AppKey]:
@@ -126,7 +188,7 @@ class PageSplit:
 
 
 def split_page(
-    page: Sequence[Any],
+    page: Sequence[Any] | ListedPage,
     cluster: str,
     *,
     selected: Callable[[AppKey], bool],
@@ -135,7 +197,61 @@ def split_page(
     backfill: bool = False,
 ) -> PageSplit:
     """The selected Applications of a page that may have changed, parsed, with their stored snapshots; the
-    others counted. A backfill looks at everything. A malformed Application is logged with its reason."""
+    others counted. A backfill looks at everything. A malformed Application is logged with its reason.
+
+    When the page's items could be cut apart undecoded, an Application whose encoded digest is the stored one is
+    not decoded, and the others are decoded one by one. If one of those pieces is not a JSON value on its own, the
+    cut was wrong (or an item is too deep to decode): the whole page is then decoded and looked at the usual way."""
+    if isinstance(page, Sequence):
+        return _split_items(page, cluster, selected, load, salt, backfill)
+    encoded = None if backfill else page.encoded
+    if encoded is not None:
+        split = _split_encoded(encoded, cluster, selected, load, salt)
+        if split is not None:
+            return split
+    return _split_items(page.items(), cluster, selected, load, salt, backfill)
+
+
+def _split_encoded(
+    encoded: Sequence[EncodedItem],
+    cluster: str,
+    selected: Callable[[AppKey], bool],
+    load: Callable[[list[AppKey]], Mapping[AppKey, StoredItem]],
+    salt: str,
+) -> PageSplit | None:
+    candidates: list[tuple[bytes, AppKey | None]] = []
+    for item in encoded:
+        key = application_key({"metadata": item.metadata}, cluster) if item.metadata is not None else None
+        if key is not None and not selected(key):
+            continue
+        candidates.append((item.body, key))
+    snapshots = load([key for _, key in candidates if key is not None])
+    split = PageSplit()
+    decoded: list[tuple[Any, AppKey | None, str]] = []
+    for body, key in candidates:
+        digest = encoded_digest(body, salt)
+        stored = snapshots.get(key) if key is not None else None
+        if key is not None and stored is not None and stored_digests(stored.settled_digest)[1] == digest:
+            split.unchanged.append(key)
+            continue
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        decoded.append((raw, key, digest))
+    for raw, key, digest in decoded:
+        _decide(split, raw, key, snapshots.get(key) if key is not None else None, cluster, selected, salt, digest)
+    return split
+
+
+def _split_items(
+    page: Sequence[Any],
+    cluster: str,
+    selected: Callable[[AppKey], bool],
+    load: Callable[[list[AppKey]], Mapping[AppKey, StoredItem]],
+    salt: str,
+    backfill: bool,
+) -> PageSplit:
     candidates: list[tuple[Any, AppKey | None]] = []
     for raw in page:
         key = application_key(raw, cluster)
@@ -146,30 +262,49 @@ def split_page(
     split = PageSplit()
     for raw, key in candidates:
         item = snapshots.get(key) if key is not None else None
-        digest = None if backfill else settled_digest(raw, salt)
-        if key is not None and item is not None and digest is not None and item.settled_digest == digest:
-            split.unchanged.append(key)
-            continue
-        stored = item.snapshot() if item is not None else None
-        try:
-            observation = parse_application(raw, cluster)
-        except Exception as error:
-            # Listed but unreadable is not deleted: its snapshot stays until it can be read again.
-            if key is not None:
-                split.unreadable.append(key)
-            split.malformed += 1
-            unexpected = not isinstance(error, MalformedApplication)
-            reason = f"unexpected {type(error).__name__}: {error}" if unexpected else str(error)
-            log.warning(
-                "skipping malformed application",
-                exc_info=unexpected,
-                extra={"cluster": cluster, "app": _raw_name(raw), "reason": reason},
-            )
-            continue
-        if key is None and not selected(observation.key):
-            continue
-        split.changed.append(Changed(observation, stored, digest))
+        _decide(split, raw, key, item, cluster, selected, None if backfill else salt, None)
     return split
+
+
+def _decide(
+    split: PageSplit,
+    raw: Any,
+    key: AppKey | None,
+    item: StoredItem | None,
+    cluster: str,
+    selected: Callable[[AppKey], bool],
+    salt: str | None,
+    encoded: str | None,
+) -> None:
+    """One decoded Application: unchanged when its settled digest is the stored one, else parsed (``salt`` is
+    ``None`` for a backfill, which looks at everything)."""
+    digest = None if salt is None else settled_digest(raw, salt)
+    if key is not None and item is not None and digest is not None:
+        stored_settled, stored_encoded = stored_digests(item.settled_digest)
+        if stored_settled == digest:
+            split.unchanged.append(key)
+            if encoded is not None and encoded != stored_encoded and (snapshot := item.snapshot()) is not None:
+                split.refreshed[key] = snapshot.evolve(settled_digest=digests_to_store(digest, encoded))
+            return
+    stored = item.snapshot() if item is not None else None
+    try:
+        observation = parse_application(raw, cluster)
+    except Exception as error:
+        # Listed but unreadable is not deleted: its snapshot stays until it can be read again.
+        if key is not None:
+            split.unreadable.append(key)
+        split.malformed += 1
+        unexpected = not isinstance(error, MalformedApplication)
+        reason = f"unexpected {type(error).__name__}: {error}" if unexpected else str(error)
+        log.warning(
+            "skipping malformed application",
+            exc_info=unexpected,
+            extra={"cluster": cluster, "app": _raw_name(raw), "reason": reason},
+        )
+        return
+    if key is None and not selected(observation.key):
+        return
+    split.changed.append(Changed(observation, stored, digests_to_store(digest, encoded)))
 
 
 PASS_GC_THRESHOLD = 50_000

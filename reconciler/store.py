@@ -795,11 +795,8 @@ class RedisStore:
     def snapshot_keys(self, cluster: str) -> list[AppKey]:
         with self._guard("list snapshots"):
             fields = self.client.hkeys(self._snap_key(cluster))
-        keys = []
-        for field in fields:
-            namespace, _, name = str(field).partition("/")
-            keys.append(AppKey(cluster, namespace, name))
-        return sorted(keys)
+        pairs = sorted(str(field).partition("/")[::2] for field in fields)  # C-level tuple order, as AppKey's
+        return [AppKey(cluster, namespace, name) for namespace, name in pairs]
 
     # delivery
 

@@ -64,6 +64,17 @@ def test_a_kubectl_export_is_listed_in_pages_of_page_size_as_it_was_written(tmp_
     assert [item for page in pages for item in page] == apps
 
 
+def test_the_reconciler_reads_the_same_pages_decoded_with_the_total_known(tmp_path: Path) -> None:
+    apps = [app(f"app-{i}") for i in range(5)]
+    lister = FileLister(file_cluster(write_json(tmp_path / "apps.json", kubectl_list(apps)), page_size=2))
+    listed = list(lister.listed_pages())
+    assert [page.items() for page in listed] == [apps[:2], apps[2:4], apps[4:]]
+    assert [(page.encoded, page.count(), page.restarted) for page in listed] == [(None, 2, False)] * 2 + [
+        (None, 1, False)
+    ]
+    assert lister.expected == 5
+
+
 def test_an_api_server_application_list_a_json_array_and_one_application_are_read_too(tmp_path: Path) -> None:
     apps = [app("a"), app("b")]
     for data in (kubectl_list(apps, kind="ApplicationList"), apps):

@@ -19,6 +19,7 @@ from reconciler.argocd import (
     ClusterLister,
     ClusterUnavailable,
     build_api_client,
+    cut_list,
     decode_page,
 )
 from reconciler.config import ClusterConfig
@@ -621,3 +622,111 @@ def test_the_listing_knows_its_total_from_the_api_servers_count(api: FakeKubeAPI
     assert sum(len(page) for page in pages) == 3
     selected = make_lister(kubeconfig, [], page_size=2, label_selector="team=none")
     assert list(selected.pages()) == [] and selected.expected is None, "no count with a label selector"
+
+
+# -- the page cut apart undecoded ----------------------------------------------------------------------
+
+
+def go_json(value: Any) -> bytes:
+    """JSON as the API server writes it (Go's encoding/json: compact, keys sorted)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def test_a_list_as_the_api_server_writes_it_is_cut_into_its_items_without_decoding() -> None:
+    items = [app("a"), app("b", labels={"team": "payments"}), app("c")]
+    body = go_json(
+        {
+            "apiVersion": "argoproj.io/v1alpha1",
+            "items": items,
+            "kind": "ApplicationList",
+            "metadata": {"continue": "t1"},
+        }
+    )
+    cut = cut_list(body)
+    assert cut is not None
+    pieces, metadata = cut
+    assert pieces == [go_json(item) for item in items]
+    assert metadata == {"continue": "t1"}
+    empty = go_json({"apiVersion": "argoproj.io/v1alpha1", "items": [], "kind": "ApplicationList", "metadata": {}})
+    assert cut_list(empty) == ([], {})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"apiVersion": "argoproj.io/v1alpha1", "kind": "ApplicationList", "metadata": {}, "items": []}),
+        json.dumps({"apiVersion": "argoproj.io/v1alpha1", "items": [app("a")], "kind": "ApplicationList"}),
+        '{"apiVersion":"argoproj.io/v1alpha1","items":[{"metadata":{"name":"a"}}],"kind":"ApplicationList","metadata":{}}',
+        '{"apiVersion":"argoproj.io/v1alpha1","items":[],"kind":"ApplicationList","metadata":{}}trailing',
+        "not json at all",
+    ],
+)
+def test_any_other_layout_is_not_cut_but_decoded(body: str) -> None:
+    assert cut_list(body.encode()) is None
+
+
+def test_an_application_manifest_nested_in_an_item_makes_a_piece_that_is_not_json_alone() -> None:
+    parent = app("app-of-apps")
+    parent["spec"]["source"] = {"helm": {"valuesObject": {"apps": [app("child-1"), app("child-2")]}}}
+    body = go_json(
+        {"apiVersion": "argoproj.io/v1alpha1", "items": [parent, app("b")], "kind": "ApplicationList", "metadata": {}}
+    )
+    cut = cut_list(body)
+    assert cut is not None
+    undecodable = 0
+    for piece in cut[0]:
+        try:
+            json.loads(piece)
+        except ValueError:
+            undecodable += 1
+    assert undecodable >= 1, "the reader of the pieces must be able to tell the cut was wrong"
+
+
+def test_listed_pages_hand_out_each_item_undecoded_with_its_metadata(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    api.set_apps([app(f"app-{i}") for i in range(5)])
+    pages = list(make_lister(kubeconfig, sleeps, page_size=2).listed_pages())
+    assert [len(page.encoded or []) for page in pages] == [2, 2, 1]
+    first = pages[0].encoded
+    assert first is not None
+    assert [item.metadata["name"] for item in first] == ["app-0", "app-1"]
+    assert [json.loads(item.body) for item in first] == pages[0].items() == [app("app-0"), app("app-1")]
+
+
+def test_listed_pages_come_again_after_a_restart_and_pages_still_yields_each_app_once(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    api.set_apps([app(f"app-{i}") for i in range(5)])
+    api.expire_continue_tokens(1)
+    listed = [
+        item["metadata"]["name"]
+        for page in make_lister(kubeconfig, sleeps, page_size=2).listed_pages()
+        for item in page.items()
+    ]
+    assert listed == ["app-0", "app-1", "app-0", "app-1", "app-2", "app-3", "app-4"]
+    api.expire_continue_tokens(1)
+    assert names(list(make_lister(kubeconfig, sleeps, page_size=2).pages())) == [f"app-{i}" for i in range(5)]
+
+
+def test_the_first_page_of_a_listing_started_again_says_so(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    api.set_apps([app(f"app-{i}") for i in range(5)])
+    api.expire_continue_tokens(1)
+    pages = list(make_lister(kubeconfig, sleeps, page_size=2).listed_pages())
+    assert [(page.restarted, page.count()) for page in pages] == [(False, 2), (True, 2), (False, 2), (False, 1)]
+
+
+def test_a_page_that_cannot_be_cut_is_decoded_and_still_gives_its_count_token_and_total(
+    api: FakeKubeAPI, kubeconfig: Path, sleeps: list[float]
+) -> None:
+    apps = [app(f"app-{i}") for i in range(5)]
+    del apps[0]["apiVersion"]  # the first page is not laid out the way the API server writes Applications
+    api.set_apps(apps)
+    lister = make_lister(kubeconfig, sleeps, page_size=2)
+    pages = list(lister.listed_pages())
+    assert [page.encoded is None for page in pages] == [True, False, False]
+    assert [page.count() for page in pages] == [2, 2, 1]
+    assert [item["metadata"]["name"] for page in pages for item in page.items()] == [f"app-{i}" for i in range(5)]
+    assert lister.expected == 5

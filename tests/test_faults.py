@@ -335,9 +335,9 @@ def test_an_unexpected_error_while_listing_one_cluster_does_not_stop_the_others(
     tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     never_wait(monkeypatch)
-    listed = argocd.ClusterLister.pages
+    listed = argocd.ClusterLister.listed_pages
 
-    def pages(lister: argocd.ClusterLister) -> Iterator[list[dict[str, Any]]]:
+    def pages(lister: argocd.ClusterLister) -> Iterator[argocd.ListedPage]:
         if lister.name == "prod-west":
             raise LookupError("a bug met while listing")
         yield from listed(lister)
@@ -352,7 +352,7 @@ def test_an_unexpected_error_while_listing_one_cluster_does_not_stop_the_others(
             deploys = Deploys(world)
             assert world.run() == 0
             wanted = deploys.next()
-            monkeypatch.setattr(argocd.ClusterLister, "pages", pages)
+            monkeypatch.setattr(argocd.ClusterLister, "listed_pages", pages)
             capsys.readouterr()
 
             assert world.run() == 1

@@ -101,6 +101,22 @@ def test_on_a_terminal_progress_is_one_line_rewritten_in_place(
     assert terminal.getvalue().count("\n") == 1
 
 
+def test_applications_listed_again_after_an_expired_continue_token_are_read_once(world: World) -> None:
+    """The listing starts again from its first page: the count goes back to what that listing has read."""
+    world.kube.expire_continue_tokens(1)
+    terminal = FakeTerminal()
+    summary = run_with(world, progress_reporter(terminal), every=0)
+
+    assert terminal.getvalue().split("\r\x1b[K")[1:] == [
+        "prod-east: apps 2/5, 2 deployments, 2 sent, 0 deferred",
+        "prod-east: apps 2/5, 2 deployments, 2 sent, 0 deferred",
+        "prod-east: apps 4/5, 4 deployments, 4 sent, 0 deferred",
+        "prod-east: apps 5/5, 5 deployments, 5 sent, 0 deferred",
+    ]
+    assert (summary.apps_read, summary.apps_listed, summary.sent) == (5, 5, 5)
+    assert summary.clusters["prod-east"] == {"apps_read": 5, "apps_listed": 5, "listed": True}
+
+
 def test_progress_waits_for_its_interval(world: World) -> None:
     calls: list[RunSummary] = []
     run_with(world, calls, every=3600)

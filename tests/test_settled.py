@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,12 +13,21 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from reconciler import argocd
 from reconciler.application import parse_application
 from reconciler.config import ImagesConfig, load_config
 from reconciler.images import CommitImages
 from reconciler.model import AppKey, Snapshot
 from reconciler.planner import PlannerPolicy, plan
-from reconciler.settled import PASS_GC_THRESHOLD, for_planning, settle, settled_digest, split_page
+from reconciler.settled import (
+    PASS_GC_THRESHOLD,
+    encoded_digest,
+    for_planning,
+    settle,
+    settled_digest,
+    split_page,
+    stored_digests,
+)
 from reconciler.store import open_store
 from tests.factories import (
     SIDECAR,
@@ -431,8 +441,9 @@ def change(app: dict[str, Any], field: str, draw: Draw) -> dict[str, Any]:
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(st.data())
 def test_property_a_change_that_changes_the_plan_changes_the_digest(data: st.DataObject) -> None:
-    """The fast path skips an Application whose digest equals the stored one, as if its plan were empty and its
-    snapshot unchanged: that must be what planning it would decide. Changes add up between settled ticks, so
+    """The fast path skips an Application whose digest (of the fields the planner reads, or of its JSON) equals
+    the stored one, as if its plan were empty and its snapshot unchanged: that must be what planning it would
+    decide. Changes add up between settled ticks, so
     each field is changed alone and then a few together."""
     app = data.draw(applications(), "app")
     stored = settled_snapshot(app)
@@ -452,3 +463,184 @@ def test_property_a_change_that_changes_the_plan_changes_the_digest(data: st.Dat
             before.snapshot,
         ):
             assert settled_digest(changed) != stored.settled_digest, f"{fields}: the plan changed, not the digest"
+            assert encoded_digest(go_json(changed)) != encoded_digest(go_json(app)), (
+                f"{fields}: the plan changed, not the digest of the Application's JSON"
+            )
+
+
+# -- the encoded digest: unchanged Applications are not even decoded ----------------------------------------
+
+
+def go_json(value: Any) -> bytes:
+    """An Application as the API server writes it (Go's encoding/json: compact, keys sorted)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def managed(app: dict[str, Any], minute: float = 1) -> dict[str, Any]:
+    """``app`` with the managed fields entry of Argo CD's controller, written at ``minute``."""
+    app = copy.deepcopy(app)
+    app["metadata"]["managedFields"] = [
+        {"manager": "argocd-application-controller", "operation": "Update", "time": ts(at(minute))}
+    ]
+    return app
+
+
+def refreshed(app: dict[str, Any]) -> dict[str, Any]:
+    """What Argo CD changes on every refresh of an idle Application, and nothing else."""
+    return managed(bump_metadata(app), 91)
+
+
+def test_the_encoded_digest_ignores_refreshes_and_sees_any_other_change() -> None:
+    app = managed(base())
+    digest = encoded_digest(go_json(app), "salt")
+    assert encoded_digest(go_json(refreshed(app)), "salt") == digest
+    for change, apply in CHANGES.items():
+        assert encoded_digest(go_json(apply(copy.deepcopy(app))), "salt") != digest, change
+    labelled = copy.deepcopy(app)
+    labelled["metadata"]["labels"] = {"team": "payments"}
+    assert encoded_digest(go_json(labelled), "salt") != digest, "any change the planner does not read too"
+    assert encoded_digest(go_json(app), "other configuration") != digest
+
+
+class Decodes:
+    """Counts what a tick decodes: single Applications, whole pages, and snapshot writes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.items = 0
+        self.pages = 0
+        self.writes = 0
+        real_loads, real_decode_page = json.loads, argocd.decode_page
+        counter = self
+
+        class CountingJson:
+            dumps = staticmethod(json.dumps)
+
+            @staticmethod
+            def loads(text: Any) -> Any:
+                counter.items += 1
+                return real_loads(text)
+
+        def decode_page(body: bytes | str) -> Any:
+            self.pages += 1
+            return real_decode_page(body)
+
+        real_open = open_store
+
+        def counting_store(config: Any) -> Any:
+            store = real_open(config)
+            real_save = store.save_snapshots
+
+            def save_snapshots(snapshots: Any) -> None:
+                counter.writes += len(snapshots)
+                real_save(snapshots)
+
+            store.save_snapshots = save_snapshots  # type: ignore[method-assign]
+            return store
+
+        monkeypatch.setattr("reconciler.settled.json", CountingJson)
+        monkeypatch.setattr("reconciler.argocd.decode_page", decode_page)
+        monkeypatch.setattr("reconciler.runtime.open_store", counting_store)
+
+    def clear(self) -> None:
+        self.items = self.pages = self.writes = 0
+
+
+def test_a_quiet_tick_decodes_no_application_and_a_change_decodes_only_its_own(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, parses: list[str]
+) -> None:
+    decodes = Decodes(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        apps = [managed(settled_app(name, gitops[0], f"{IMAGE_REPO}:{images[0]}")) for name in ("a", "b", "c")]
+        world.set_apps(apps)
+        assert world.run() == 0
+        decodes.clear()
+        parses.clear()
+
+        world.set_apps([refreshed(app) for app in apps])
+        assert world.run() == 0
+        assert (decodes.items, decodes.pages, decodes.writes, parses) == (0, 0, 0, [])
+
+        world.set_apps([apps[0], redeployed(apps[1], 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", 30), apps[2]])
+        assert world.run() == 0
+        assert (decodes.items, decodes.pages, parses) == (1, 0, ["b"])
+        assert [p["id"].rsplit(":", 1)[1] for p in world.posts()] == ["h1"]
+
+
+def test_a_change_the_planner_does_not_read_is_decoded_once_then_recognised_again(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, parses: list[str]
+) -> None:
+    decodes = Decodes(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        app = base()
+        world.set_apps([app])
+        assert world.run() == 0
+        decodes.clear()
+        parses.clear()
+        labelled = copy.deepcopy(app)
+        labelled["metadata"]["labels"] = {"team": "payments"}
+        world.set_apps([labelled])
+        assert world.run() == 0
+        assert (decodes.items, decodes.writes, parses) == (1, 1, []), "decoded, not parsed; the new JSON recorded"
+        decodes.clear()
+        assert world.run() == 0
+        assert (decodes.items, decodes.pages, decodes.writes) == (0, 0, 0)
+        assert world.posts() == []
+
+
+def test_an_application_manifest_inside_an_application_does_not_fool_the_fast_path(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Helm value holding Application manifests makes the page cut wrongly: the page is then decoded whole, so
+    the nested manifests are never taken for Applications and a change of the parent is still seen."""
+    decodes = Decodes(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        gitops = world.github.add_commits("acme/gitops", 2)
+        images = world.github.add_commits("acme/payments-api", 2)
+        parent = settled_app("app-of-apps", gitops[0], f"{IMAGE_REPO}:{images[0]}")
+        children = [settled_app(f"child-{i}", gitops[0], f"{IMAGE_REPO}:{images[0]}") for i in range(3)]
+        parent["spec"]["source"]["helm"] = {"valuesObject": {"applications": children}}
+        world.set_apps([parent, settled_app("z", gitops[0], f"{IMAGE_REPO}:{images[0]}")])
+        assert world.run() == 0
+        assert decodes.pages >= 1
+        assert world.run() == 0
+        world.set_apps(
+            [
+                redeployed(parent, 1, gitops[1], f"{IMAGE_REPO}:{images[1]}", 30),
+                settled_app("z", gitops[0], f"{IMAGE_REPO}:{images[0]}"),
+            ]
+        )
+        assert world.run() == 0
+        posted = [p["id"] for p in world.posts()]
+        assert len(posted) == 1 and "app-of-apps" in posted[0], posted
+        store = open_store(load_config(world.config_path).state)
+        try:
+            keys = {key.name for key in store.snapshot_keys("prod-east")}
+        finally:
+            store.close()
+        assert keys == {"app-of-apps", "z"}
+
+
+def test_snapshots_settled_before_the_encoded_digest_get_it_with_one_write(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes = Decodes(monkeypatch)
+    with World(tmp_path, state_url, monkeypatch) as world:
+        world.set_apps([base()])
+        assert world.run() == 0
+        store = open_store(load_config(world.config_path).state)
+        try:
+            key = AppKey("prod-east", "argocd", "payments-api")
+            snapshot = store.load_snapshots([key])[key]
+            settled, encoded = stored_digests(snapshot.settled_digest)
+            assert settled is not None and encoded is not None
+            store.save_snapshots({key: snapshot.evolve(settled_digest=settled)})
+        finally:
+            store.close()
+        decodes.clear()
+        assert world.run() == 0
+        assert (decodes.items, decodes.writes) == (1, 1)
+        decodes.clear()
+        assert world.run() == 0
+        assert (decodes.items, decodes.writes) == (0, 0)

@@ -3,7 +3,8 @@
 It speaks just enough of the API for listing: ``GET /apis/argoproj.io/v1alpha1/applications`` (all namespaces)
 and ``/apis/argoproj.io/v1alpha1/namespaces/{ns}/applications``, with ``limit``/``continue`` paging over a
 consistent snapshot, equality label selectors, expiring continue tokens (410), injected failures, bearer-token
-auth and a request log. Items are serialised once in ``set_apps`` so large lists are cheap to serve.
+auth and a request log. Items are serialised once in ``set_apps`` so large lists are cheap to serve, and written
+the way the API server writes them (Go's ``encoding/json``: compact, the keys of every object sorted).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class EncodedApp:
             node = node.setdefault(part, {})
         node[path[-1]] = marker
         nested = '{"level":' * depth + "0" + "}" * depth
-        text = json.dumps(copy, separators=(",", ":")).replace(json.dumps(marker), nested)
+        text = json.dumps(copy, separators=(",", ":"), sort_keys=True).replace(json.dumps(marker), nested)
         metadata = copy["metadata"]
         return cls(metadata["namespace"], metadata["name"], text.encode())
 
@@ -147,7 +148,7 @@ class FakeKubeAPI(FakeServer):
             name = metadata.get("name")
             labels = metadata.get("labels")
             labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
-            body = json.dumps(app, separators=(",", ":")).encode()
+            body = json.dumps(app, separators=(",", ":"), sort_keys=True).encode()
             sort_key = (namespace or "", name if isinstance(name, str) else f"~{position:09d}")
             items.append((sort_key, _Item(namespace, labels, body)))
         items.sort(key=lambda pair: pair[0])
@@ -292,11 +293,15 @@ class FakeKubeAPI(FakeServer):
                 self._lists.popitem(last=False)
         else:
             self._lists.pop(list_id, None)
-        head = json.dumps(
-            {"apiVersion": "argoproj.io/v1alpha1", "kind": "ApplicationList", "metadata": metadata},
-            separators=(",", ":"),
-        ).encode()
-        body = b"".join((head[:-1], b',"items":[', b",".join(snapshot.items[offset:end]), b"]}"))
+        tail = json.dumps({"metadata": metadata}, separators=(",", ":"), sort_keys=True).encode()
+        body = b"".join(
+            (
+                b'{"apiVersion":"argoproj.io/v1alpha1","items":[',
+                b",".join(snapshot.items[offset:end]),
+                b'],"kind":"ApplicationList",',
+                tail[1:],
+            )
+        )
         return _Outcome(200, body)
 
 
