@@ -414,11 +414,12 @@ def _wait(state: RetryCallState) -> float:
 
 
 class EncodedItem(NamedTuple):
-    """One item of a page as the API server sent it: its JSON, and its ``metadata`` decoded alone (``None``
-    when that cannot be read)."""
+    """One item of a page as the API server sent it: its JSON, its ``metadata`` decoded alone and the offset in
+    ``body`` where that ends (both ``None`` when it cannot be read)."""
 
     metadata: Any
     body: bytes
+    metadata_end: int | None
 
 
 class ListedPage:
@@ -462,7 +463,7 @@ class ListedPage:
     def encoded(self) -> list[EncodedItem] | None:
         if self._encoded is None:
             return None
-        return [EncodedItem(_encoded_metadata(body), body) for body in self._encoded]
+        return [encoded_item(body) for body in self._encoded]
 
 
 # -- decoding a page ---------------------------------------------------------------------------------
@@ -506,12 +507,14 @@ def cut_list(body: bytes) -> tuple[list[bytes], dict[str, Any]] | None:
     return [first, *(_ITEM_HEAD + piece for piece in rest)], metadata
 
 
-def _encoded_metadata(body: bytes) -> Any:
-    """The ``metadata`` of an item cut by :func:`cut_list`, decoded alone; ``None`` when it cannot be."""
+def encoded_item(body: bytes) -> EncodedItem:
+    """An item cut by :func:`cut_list`, with its metadata decoded alone (``None`` when it cannot be)."""
     try:
-        return _DECODER.raw_decode(body.decode(), len(_ITEM_HEAD))[0]
+        text = body.decode()
+        metadata, end = _DECODER.raw_decode(text, len(_ITEM_HEAD))
     except (ValueError, RecursionError):
-        return None
+        return EncodedItem(None, body, None)
+    return EncodedItem(metadata, body, end if len(text) == len(body) else len(text[:end].encode()))
 
 
 DEEPEST_PATH_PARTS = 4

@@ -66,27 +66,43 @@ def settled_digest(raw: Any, salt: str = "") -> str | None:
         return None
 
 
-_VOLATILE = re.compile(rb'"(?:reconciledAt|resourceVersion|observedAt|time)":"[^"\\]*"|"generation":\d+')
-"""What moves on every refresh of an Application without changing anything the planner reads:
-``status.reconciledAt`` (and ``observedAt``, its name in older Argo CD), ``metadata.resourceVersion``,
-``metadata.generation`` (the Application CRD has no status subresource, so every status update counts) and the
-``time`` of ``metadata.managedFields`` entries. Matched as whole members (strings without escapes, digits), which
-keeps the JSON around them as it was: a piece of JSON digests like a valid Application only if it is one."""
+_VOLATILE = re.compile(rb'"(?:reconciledAt|resourceVersion|time)":("[^"\\]*")|"generation":(\d+)')
+"""What moves on every refresh of an Application without changing anything the planner reads: the values of
+``status.reconciledAt``, ``metadata.resourceVersion``, ``metadata.generation`` (the Application CRD has no status
+subresource, so every status update counts) and the ``time`` of ``metadata.managedFields`` entries. Only whole
+values (strings without escapes, digits) are left out, each marked where it was: two pieces of JSON digest alike
+only if they differ in those values alone, so one is a valid Application exactly when the other is."""
+_RECONCILED_AT = b'"reconciledAt":'
+_STRING_VALUE = re.compile(rb'"[^"\\]*"')
 
 
-def encoded_digest(encoded: bytes, salt: str = "") -> str:
+def encoded_digest(encoded: bytes, salt: str = "", metadata_end: int | None = None) -> str:
     """A digest of an Application's JSON exactly as the API server wrote it, except the values that move on
     every refresh (``_VOLATILE``). Any other change, even one the planner does not read, changes it: equal
     digests mean the same Application with the same fields, which ``settled_digest`` (a function of those
-    fields that ignores the same refreshes) would find equal too."""
+    fields that ignores the same refreshes) would find equal too.
+
+    ``metadata_end``: where the item's ``metadata`` ends, when known. The API server writes keys in order, so
+    after it only ``status.reconciledAt`` moves, the last member of that name: the rest is not searched."""
     digest = hashlib.blake2b(salt.encode(), digest_size=16)
     view = memoryview(encoded)
     start = 0
-    for match in _VOLATILE.finditer(encoded):
-        digest.update(view[start : match.start()])
-        start = match.end()
+    for begin, end in _volatile_values(encoded, metadata_end):
+        digest.update(view[start:begin])
+        digest.update(b"\0")
+        start = end
     digest.update(view[start:])
     return digest.hexdigest()
+
+
+def _volatile_values(encoded: bytes, metadata_end: int | None) -> list[tuple[int, int]]:
+    if metadata_end is None:
+        return [match.span(match.lastindex or 0) for match in _VOLATILE.finditer(encoded)]
+    spans = [match.span(match.lastindex or 0) for match in _VOLATILE.finditer(encoded, 0, metadata_end)]
+    reconciled = encoded.rfind(_RECONCILED_AT, metadata_end)
+    if reconciled >= 0 and (value := _STRING_VALUE.match(encoded, reconciled + len(_RECONCILED_AT))) is not None:
+        spans.append(value.span())
+    return spans
 
 
 def stored_digests(value: str | None) -> tuple[str | None, str | None]:
@@ -144,12 +160,15 @@ class StoredItem(Protocol):
 
 
 class EncodedItem(Protocol):
-    """An Application's JSON as the API server sent it, and its ``metadata`` decoded alone (``argocd.EncodedItem``)."""
+    """An Application's JSON as the API server sent it, its ``metadata`` decoded alone and where that ends in
+    ``body`` (``argocd.EncodedItem``)."""
 
     @property
     def metadata(self) -> Any: ...
     @property
     def body(self) -> bytes: ...
+    @property
+    def metadata_end(self) -> int | None: ...
 
 
 class ListedPage(Protocol):
@@ -219,17 +238,18 @@ def _split_encoded(
     load: Callable[[list[AppKey]], Mapping[AppKey, StoredItem]],
     salt: str,
 ) -> PageSplit | None:
-    candidates: list[tuple[bytes, AppKey | None]] = []
+    candidates: list[tuple[EncodedItem, AppKey | None]] = []
     for item in encoded:
         key = application_key({"metadata": item.metadata}, cluster) if item.metadata is not None else None
         if key is not None and not selected(key):
             continue
-        candidates.append((item.body, key))
+        candidates.append((item, key))
     snapshots = load([key for _, key in candidates if key is not None])
     split = PageSplit()
     decoded: list[tuple[Any, AppKey | None, str]] = []
-    for body, key in candidates:
-        digest = encoded_digest(body, salt)
+    for item, key in candidates:
+        body = item.body
+        digest = encoded_digest(body, salt, item.metadata_end)
         stored = snapshots.get(key) if key is not None else None
         if key is not None and stored is not None and stored_digests(stored.settled_digest)[1] == digest:
             split.unchanged.append(key)

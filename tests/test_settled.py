@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from reconciler import argocd
 from reconciler.application import parse_application
+from reconciler.argocd import encoded_item
 from reconciler.config import ImagesConfig, load_config
 from reconciler.images import CommitImages
 from reconciler.model import AppKey, Snapshot
@@ -463,7 +464,7 @@ def test_property_a_change_that_changes_the_plan_changes_the_digest(data: st.Dat
             before.snapshot,
         ):
             assert settled_digest(changed) != stored.settled_digest, f"{fields}: the plan changed, not the digest"
-            assert encoded_digest(go_json(changed)) != encoded_digest(go_json(app)), (
+            assert encoded_digest_of(changed) != encoded_digest_of(app), (
                 f"{fields}: the plan changed, not the digest of the Application's JSON"
             )
 
@@ -485,6 +486,13 @@ def managed(app: dict[str, Any], minute: float = 1) -> dict[str, Any]:
     return app
 
 
+def encoded_digest_of(app: Any, salt: str = "") -> str:
+    """The encoded digest of ``app`` as the API server writes it, as the listing computes it."""
+    item = encoded_item(go_json(app))
+    assert item.metadata is not None
+    return encoded_digest(item.body, salt, item.metadata_end)
+
+
 def refreshed(app: dict[str, Any]) -> dict[str, Any]:
     """What Argo CD changes on every refresh of an idle Application, and nothing else."""
     return managed(bump_metadata(app), 91)
@@ -492,14 +500,20 @@ def refreshed(app: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_encoded_digest_ignores_refreshes_and_sees_any_other_change() -> None:
     app = managed(base())
-    digest = encoded_digest(go_json(app), "salt")
-    assert encoded_digest(go_json(refreshed(app)), "salt") == digest
+    digest = encoded_digest_of(app, "salt")
+    assert encoded_digest_of(refreshed(app), "salt") == digest
     for change, apply in CHANGES.items():
-        assert encoded_digest(go_json(apply(copy.deepcopy(app))), "salt") != digest, change
+        assert encoded_digest_of(apply(copy.deepcopy(app)), "salt") != digest, change
     labelled = copy.deepcopy(app)
     labelled["metadata"]["labels"] = {"team": "payments"}
-    assert encoded_digest(go_json(labelled), "salt") != digest, "any change the planner does not read too"
-    assert encoded_digest(go_json(app), "other configuration") != digest
+    assert encoded_digest_of(labelled, "salt") != digest, "any change the planner does not read too"
+    assert encoded_digest_of(app, "other configuration") != digest
+    body = go_json(app)
+    assert encoded_digest(body, "salt") == digest, "the same without knowing where the metadata ends"
+    elsewhere = body.replace(b'"spec":{', b'"spec":{"reconciledAt":"2026-01-01T00:00:00Z",', 1)
+    assert encoded_digest_of(json.loads(elsewhere), "salt") != encoded_digest_of(
+        json.loads(elsewhere.replace(b"2026-01-01", b"2027-01-01")), "salt"
+    ), "only status.reconciledAt is left out"
 
 
 class Decodes:
