@@ -27,7 +27,7 @@ serving N realistic Applications (``benchmarks.fleet``), with the state in a rea
    ``--commits range`` runs every phase with ``devlake.commits: range`` (default ``head``).
 
 The package's bytecode is compiled first, as the image's install does: a run never compiles its own modules.
-``--large`` adds 20,000 apps (about four more minutes on 2 cores). State in Redis (``$REDIS_URL``, else a throwaway
+``--large`` adds 20,000 apps (about two more minutes on 2 cores). State in Redis (``$REDIS_URL``, else a throwaway
 ``redis-server`` on a free port) or ``--state sqlite``. Prints a table; exit status 0 when every target is met,
 1 otherwise.
 """
