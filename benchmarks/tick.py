@@ -13,8 +13,9 @@ serving N realistic Applications (``benchmarks.fleet``), with the state in a rea
      listing, digest checks, exit, exactly as a CronJob runs it.
    Each is timed from its start to its exit: wall time, and CPU time (user + system, from ``wait4``), and its
    peak RSS. The ratios are of the medians; the spread of the ratio over the pairs shows how noisy the machine
-   was. The run's summary gives its GitHub requests, the fake DevLake the DevLake requests, Redis's command
-   statistics the snapshot writes (``HSET``/``HDEL``): all must be 0 at rest.
+   was. The run's summary gives its GitHub requests, the fake DevLake the DevLake requests, Redis's keyspace
+   notifications the writes to the snapshot hashes (``SnapshotWrites``; the run locks are written on every run
+   and not counted): all must be 0 at rest.
 3. ``backfill`` (sizes in ``--backfill-apps``, default 5,000): ``backfill`` on a fresh state over every history
    entry (10 per Application), GitHub answering every request from the fake after ``--latency-ms``: its time, its
    GitHub requests and the DevLake requests.
@@ -64,7 +65,8 @@ PHASE_TIMEOUT_SECONDS = 900
 RATIO_TARGET = 1.25
 RSS_TARGET_MB = 150.0
 LARGE_APPS = 20000
-SNAPSHOT_WRITES = ("hset", "hdel")
+WATCH_SECONDS = 30.0
+"""How long the snapshot-write watcher waits for Redis to echo its marker after a run."""
 
 
 # -- processes -----------------------------------------------------------------------------------------
@@ -80,16 +82,39 @@ def _drop_keys(url: str, prefix: str) -> None:
         client.close()
 
 
-def _redis_writes(url: str | None) -> int | None:
-    """Snapshot writes Redis has executed so far (``INFO commandstats``), ``None`` without Redis."""
-    if url is None:
-        return None
-    client = redis.Redis.from_url(url)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in SNAPSHOT_WRITES)
+class SnapshotWrites:
+    """Counts the writes to the snapshot hashes of one key prefix (``{prefix}:snap:{cluster}``) from Redis's
+    keyspace notifications of hash commands, turned on for the watch and restored afterwards. Only those hashes
+    are counted: the run locks are written on every run (the layout lock is a hash of its holders)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._flags = str(self._client.config_get("notify-keyspace-events").get("notify-keyspace-events", ""))
+        self._client.config_set("notify-keyspace-events", self._flags + "Kh")
+        self._marker = f"{prefix}:watch-marker"
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(f"__keyspace@*__:{prefix}:snap:*")
+        self._pubsub.subscribe(self._marker)
+
+    def count(self) -> int:
+        """Snapshot writes notified since the last call: every notification Redis sent before it echoes a marker
+        published now (one connection's messages arrive in order)."""
+        self._client.publish(self._marker, "done")
+        writes = 0
+        deadline = time.monotonic() + WATCH_SECONDS
+        while time.monotonic() < deadline:
+            message = self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            if message["type"] == "message":
+                return writes
+            writes += 1
+        raise RuntimeError("Redis did not echo the snapshot-write watcher's marker")
+
+    def close(self) -> None:
+        self._pubsub.close()
+        self._client.config_set("notify-keyspace-events", self._flags)
+        self._client.close()
 
 
 class Server:
@@ -220,7 +245,19 @@ def _last_summary(log_path: Path) -> dict[str, Any]:
 def measure_steady(
     spec: Spec, options: Options, server: Server, redis_url: str | None, config_path: Path
 ) -> dict[str, Any]:
-    """Alternating pairs of fresh processes: the list-only floor and ``dora-reconciler run``."""
+    """Alternating pairs of fresh processes: the list-only floor and ``dora-reconciler run``; the snapshot writes
+    of each run when the state is in Redis (``redis_url``)."""
+    watcher = SnapshotWrites(redis_url, spec.key_prefix) if redis_url is not None else None
+    try:
+        return _measure_steady(spec, options, server, watcher, config_path)
+    finally:
+        if watcher is not None:
+            watcher.close()
+
+
+def _measure_steady(
+    spec: Spec, options: Options, server: Server, watcher: SnapshotWrites | None, config_path: Path
+) -> dict[str, Any]:
     floor_command = [sys.executable, "-m", "benchmarks.floor", spec.kubeconfig, str(spec.page_size)]
     run_command = [*_console_script(), "run", "--config", str(config_path)]
     floor_log = options.logs / f"floor-{spec.apps}.log"
@@ -234,18 +271,18 @@ def measure_steady(
 
     def run() -> tuple[Finished, dict[str, Any]]:
         before = server.command("stats")
-        writes = _redis_writes(redis_url)
+        if watcher is not None:
+            watcher.count()
         done = timed(run_command, run_log)
         summary = _last_summary(run_log)
         if done.exit_code != 0 or summary["apps_listed"] != spec.apps:
             raise RuntimeError(f"the steady run failed (exit {done.exit_code}); see {run_log}")
         after = server.command("stats")
-        written = _redis_writes(redis_url)
         counts = {
             "github_requests": summary["github_requests"],
             "devlake_requests": after["devlake_requests"] - before["devlake_requests"],
             "kube_lists": after["kube_lists"] - before["kube_lists"],
-            "snapshot_writes": None if writes is None or written is None else written - writes,
+            "snapshot_writes": None if watcher is None else watcher.count(),
         }
         return done, counts
 
@@ -482,7 +519,7 @@ def report(results: Sequence[dict[str, Any]], options: Options) -> tuple[str, bo
         ("ratio_cpu", "steady run / floor, CPU (medians)", f"<= {RATIO_TARGET}"),
         ("spread", "  ratio over the pairs: wall / CPU", ""),
         ("steady_requests", "steady GitHub / DevLake requests", "0 / 0"),
-        ("steady_writes", "steady snapshot writes (HSET/HDEL)", "0"),
+        ("steady_writes", "steady snapshot writes", "0"),
         ("rss_steady", "peak RSS, steady run", f"<= {RSS_TARGET_MB:.0f} MB"),
         ("rss_floor", "peak RSS, floor", ""),
         ("rss_passes", "peak RSS, baseline/backfill/burst", f"<= {RSS_TARGET_MB:.0f} MB"),
