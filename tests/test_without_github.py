@@ -85,6 +85,7 @@ def test_with_github_disabled_commit_tags_and_gitops_revisions_still_give_commit
 
         told = [line for line in logs if line["message"] == "GitHub is not used this run"]
         assert len(told) == 1 and told[0]["reason"].startswith("github.enabled is false: ")
+        assert told[0]["level"] == "info", "turned off in the config: nothing to warn about"
         assert "short-SHA image tags cannot be expanded" in told[0]["reason"]
         assert any(
             short in line["message"] and "cannot be expanded without GitHub" in line["message"] for line in logs
@@ -118,7 +119,7 @@ def test_no_token_and_no_network_is_a_run_without_github_and_a_token_set_still_w
         (body,) = world.posts()
         assert commits(body) == [("https://github.com/acme/payments-api", pay[1], "")]
         told = [line for line in logs if line["message"] == "GitHub is not used this run"]
-        assert len(told) == 1
+        assert len(told) == 1 and told[0]["level"] == "warning"
         assert told[0]["reason"].startswith("no GitHub token is set and api.github.com cannot be reached")
 
 

@@ -178,7 +178,12 @@ class GitHubClient:
                 reason = "github.enabled is false" if not self.config.enabled else self.transport.unreachable()
                 self._offline = (reason,)
                 if reason is not None:
-                    log.warning("GitHub is not used this run", extra={"reason": f"{reason}: {WITHOUT_GITHUB}"})
+                    chosen = not self.config.enabled
+                    log.log(
+                        logging.INFO if chosen else logging.WARNING,
+                        "GitHub is not used this run",
+                        extra={"reason": f"{reason}: {WITHOUT_GITHUB}"},
+                    )
             return self._offline[0]
 
     def tick_problems(self) -> list[str]:

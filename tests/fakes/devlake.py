@@ -300,16 +300,9 @@ class FakeDevLake(FakeServer):
         return None
 
     def _post_deployment(self, connection_id: int, text: str) -> tuple[int, Any, dict[str, str]]:
-        if not text.strip():
-            body: Any = {}
-        else:
-            try:
-                body = json.loads(text)
-            except json.JSONDecodeError as error:
-                return 500, _envelope(_go_json_error(text, error)), {}
-        if not isinstance(body, dict):
-            kind = "array" if isinstance(body, list) else type(body).__name__
-            return 500, _envelope(f"json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}"), {}
+        body = _json_object(text)
+        if isinstance(body, tuple):
+            return body
 
         errors: list[str] = []
         request = _decode(body, _TOP_STRINGS, _TOP_TIMES, "", errors)
@@ -416,16 +409,9 @@ class FakeDevLake(FakeServer):
         return int(raw) if known else (404, _envelope("record not found (404)"), {})
 
     def _post_issue(self, connection_id: int, text: str) -> tuple[int, Any, dict[str, str]]:
-        if not text.strip():
-            body: Any = {}
-        else:
-            try:
-                body = json.loads(text)
-            except json.JSONDecodeError as error:
-                return 500, _envelope(_go_json_error(text, error)), {}
-        if not isinstance(body, dict):
-            kind = "array" if isinstance(body, list) else type(body).__name__
-            return 500, _envelope(f"json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}"), {}
+        body = _json_object(text)
+        if isinstance(body, tuple):
+            return body
 
         errors: list[str] = []
         request = _decode(body, _ISSUE_STRINGS, _ISSUE_TIMES, "", errors)
@@ -700,6 +686,20 @@ def _go_json_error(text: str, error: json.JSONDecodeError) -> str:
     if error.pos >= len(text.rstrip()):
         return "unexpected EOF"
     return f"invalid character {text[error.pos]!r} looking for beginning of value"
+
+
+def _json_object(text: str) -> dict[str, Any] | tuple[int, Any, dict[str, str]]:
+    """The request body as DevLake's Go handler binds it: empty is ``{}``; anything but an object is a 500."""
+    if not text.strip():
+        return {}
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        return 500, _envelope(_go_json_error(text, error)), {}
+    if not isinstance(body, dict):
+        kind = "array" if isinstance(body, list) else type(body).__name__
+        return 500, _envelope(f"json: cannot unmarshal {kind} into Go value of type map[string]interface {{}}"), {}
+    return body
 
 
 def _envelope(message: str) -> dict[str, Any]:
