@@ -129,6 +129,11 @@ class PrometheusMetrics:
         self.deferred = OptionalGauge(
             "dora_reconciler_deployments_deferred", "Deployments the last run deferred to the next", r
         )
+        self.backlog_waiting = OptionalGauge(
+            "dora_reconciler_backlog_waiting",
+            "Deliveries waiting in the backlog of a connection that refused them (key, id, URL), as of the last run",
+            r,
+        )
         self.run_seconds = OptionalGauge("dora_reconciler_run_duration_seconds", "Duration of the last run", r)
         self.last_exit_code = OptionalGauge("dora_reconciler_last_run_exit_code", "Exit code of the last run", r)
         self.last_run = OptionalGauge(
@@ -173,6 +178,7 @@ class PrometheusMetrics:
                 self.apps_listed.set(counts.get("apps_listed", 0), cluster)
         self.pending.set(summary.deployments_pending)
         self.deferred.set(summary.deployments_deferred)
+        self.backlog_waiting.set(summary.backlog_waiting)
         self.run_seconds.set(summary.seconds)
         self._ended(summary.exit_code)
 

@@ -134,6 +134,7 @@ def test_metrics_endpoint_exposes_the_counters_after_a_pass_with_deployments(wor
             "dora_reconciler_run_duration_seconds",
             "dora_reconciler_deployments_pending",
             "dora_reconciler_deployments_deferred",
+            "dora_reconciler_backlog_waiting",
         ):
             assert value(before, name) is None, f"{name}: no run yet, so no value that reads as one"
         assert not [key for key in before if key[0].startswith(("dora_reconciler_apps_listed", "dora_reconciler_cl"))]
@@ -152,6 +153,7 @@ def test_metrics_endpoint_exposes_the_counters_after_a_pass_with_deployments(wor
     assert value(after, "dora_reconciler_deployments_total", **ok) == 1.0
     assert value(after, "dora_reconciler_deliveries_total", connection="1", outcome="DELIVERED") == 1.0
     assert value(after, "dora_reconciler_dead_letters_total") == 0.0
+    assert value(after, "dora_reconciler_backlog_waiting") == 0.0
     assert value(after, "dora_reconciler_apps_listed", cluster="prod-east") == 1.0
     assert value(after, "dora_reconciler_cluster_listed", cluster="prod-east") == 1.0
     requests = value(after, "dora_reconciler_github_requests_total")
@@ -206,6 +208,7 @@ def test_a_failed_run_pushes_its_exit_code_but_keeps_the_last_success(world: Wor
     assert value(samples, "dora_reconciler_runs_total", exit_code="1") == 1.0
     assert value(samples, "dora_reconciler_deliveries_total", connection="1", outcome="RETRY_LATER") == 1.0
     assert value(samples, "dora_reconciler_deployments_deferred") == 0.0
+    assert value(samples, "dora_reconciler_backlog_waiting") == 1.0, "the refused deployment waits for its connection"
 
 
 def test_dead_letters_are_counted(world: World, gateway: FakePushgateway) -> None:
